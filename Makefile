@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The demo: FeDeRA, minilm-l6 on rotten-tomatoes, 10 clients, Dirichlet non-IID (see README).
+DEMO_CLIENTS ?= 10
+DEMO_CONFIG ?= dirichlet-alpha=1.0 num-server-rounds=8 learning-rate=0.002
+
+.PHONY: install fetch demo test lint format bench clean
+
+install: $(BIN)/.installed
+
+# torch==2.13.0 first: it takes the local CPU wheel, any other spec pulls GBs of CUDA wheels.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+fetch: install
+	$(BIN)/federa fetch
+
+demo: fetch
+	$(BIN)/federa simulate --num-clients $(DEMO_CLIENTS) --run-config "$(DEMO_CONFIG)"
+
+test: fetch
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: fetch
+	$(BIN)/python simulation/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

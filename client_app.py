@@ -1,0 +1,14 @@
+"""Flower ClientApp: thin; the work is in `federa_app.client`."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from federa_app.client import handle_train
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received adapter (or model) on this node's data and send it back."""
+    return handle_train(msg, context)

@@ -1,0 +1,103 @@
+"""The `federa` command: fetch assets, run a simulation, predict with a saved run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from federa_app.errors import FederaError
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from federa_app import assets
+
+    assets.fetch(args.names or None)
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from federa_app.config import parse_overrides
+    from federa_app.simulate import result_table, simulate
+
+    run_dir = simulate(
+        num_clients=args.num_clients,
+        overrides=parse_overrides(" ".join(args.run_config)),
+        output_dir=args.output_dir,
+        app_dir=args.app,
+        cpus_per_client=args.cpus_per_client,
+    )
+    print(result_table(run_dir))
+    print(f"run directory: {run_dir}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from federa_app.models import load_saved_model, load_tokenizer
+    from federa_app.records import ADAPTER_DIR, CONFIG_FILE
+
+    run_dir = Path(args.run_dir)
+    config_file = run_dir / CONFIG_FILE
+    if not (run_dir / ADAPTER_DIR).is_dir() or not config_file.is_file():
+        raise FederaError(f"{run_dir} is not a finished run directory (no adapter/ or config.json)")
+    config = json.loads(config_file.read_text())
+    labels = tuple(config["labels"])
+    model = load_saved_model(run_dir / ADAPTER_DIR, config["model-path"], labels)
+    tokenizer = load_tokenizer(config["model-path"])
+    batch = tokenizer(
+        args.texts, truncation=True, max_length=config["max-length"], padding=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    with torch.no_grad():
+        probs = model(**batch).logits.softmax(-1)
+    for text, p in zip(args.texts, probs, strict=True):
+        best = int(p.argmax())
+        print(f"{labels[best]}\t{p[best]:.4f}\t{text}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `federa` command."""
+    parser = argparse.ArgumentParser(prog="federa", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fetch = sub.add_parser("fetch", help="download and verify the offline model and datasets")
+    fetch.add_argument("names", nargs="*", help="assets to fetch (default: all)")
+    fetch.set_defaults(func=_fetch)
+
+    sim = sub.add_parser("simulate", help="run a Ray-backed Flower simulation")
+    sim.add_argument("--num-clients", type=int, default=10, help="simulated SuperNodes (10)")
+    sim.add_argument(
+        "--run-config", action="append", default=[], metavar='"k=v ..."',
+        help="run-config overrides, as for `flwr run` (strings may be unquoted)",
+    )  # fmt: skip
+    sim.add_argument("--output-dir", default="runs", help="parent of the run directory (runs)")
+    sim.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per client (1)")
+    sim.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
+    sim.set_defaults(func=_simulate)
+
+    pred = sub.add_parser("predict", help="classify texts with a finished run's saved model")
+    pred.add_argument("run_dir", help="a run directory written by a finished run")
+    pred.add_argument("texts", nargs="+", help="one or more texts")
+    pred.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors are one line on stderr and exit code 2; failed runs exit 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FederaError as exc:
+        from federa_app.simulate import SimulationFailed
+
+        print(f"federa: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, SimulationFailed) else 2
+    except KeyboardInterrupt:
+        print("federa: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

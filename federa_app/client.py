@@ -1,0 +1,79 @@
+"""The ClientApp's work: rebuild the model from what the server sent, train locally, reply."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from federa_app import data
+from federa_app.config import parse_run_config
+from federa_app.models import (
+    build_model,
+    load_tokenizer,
+    load_trainable_state,
+    resolve_model,
+    trainable_state,
+)
+from federa_app.server import load_task, set_threads
+from federa_app.training import train_locally
+from federa_app.wire import INIT_FACTORS_KEY
+
+
+def initial_factors_for(msg: Message, context: Context) -> dict:
+    """FeDeRA's (A0, B0): from this message (then kept in the node's state) or from that state."""
+    if INIT_FACTORS_KEY in msg.content:
+        context.state[INIT_FACTORS_KEY] = msg.content[INIT_FACTORS_KEY]
+    if INIT_FACTORS_KEY not in context.state:
+        raise RuntimeError(
+            "method federa: this node holds no initial factors and the server sent none "
+            "(node state lost?)"
+        )
+    return context.state[INIT_FACTORS_KEY].to_torch_state_dict()
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train the received global tensors on this node's partition; reply with the new tensors."""
+    started = time.perf_counter()
+    cfg = parse_run_config(context.run_config)
+    set_threads(cfg)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    server_round = int(msg.content["config"].get("server-round", 0))
+
+    model_ref = resolve_model(cfg.model)
+    train, _, labels = load_task(cfg)
+    partition = data.client_partition(
+        train,
+        cfg.partitioner,
+        num_partitions,
+        partition_id,
+        cfg.seed,
+        cfg.dirichlet_alpha,
+        cfg.classes_per_client,
+    )
+    factors = initial_factors_for(msg, context) if cfg.method == "federa" else None
+    model = build_model(cfg, model_ref, labels, factors)
+    load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+
+    loader = data.make_loader(
+        partition,
+        load_tokenizer(model_ref),
+        cfg.batch_size,
+        cfg.max_length,
+        shuffle=True,
+        seed=cfg.seed * 100_003 + server_round * 1_009 + partition_id,
+    )
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    stats = train_locally(model, loader, cfg, proximal_mu=proximal_mu)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(partition),
+            "train_loss": stats["train_loss"],
+            "train_seconds": stats["train_seconds"],
+            "client_seconds": time.perf_counter() - started,
+            "partition-id": partition_id,
+        }
+    )
+    content = RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": metrics})
+    return Message(content=content, reply_to=msg)

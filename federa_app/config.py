@@ -1,0 +1,280 @@
+"""Run config: the keys of `[tool.flwr.app.config]`, their types, defaults and valid ranges.
+
+Flower hands both apps `context.run_config` as a plain dict; `parse_run_config` turns it into a
+typed, validated `RunConfig` and raises a one-line `ConfigError` for anything unknown or out of
+range, before any model or data is loaded. `pyproject.toml` mirrors `DEFAULTS` (a test checks it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+from federa_app.errors import ConfigError
+
+METHODS = ("federa", "lora", "fft")
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "qfedavg",
+)
+SVD_MODES = ("full", "randomized")
+LR_SCHEDULES = ("constant", "linear")
+PARTITIONER_HELP = "dirichlet, iid, pathological, column:NAME"
+
+# Strategy parameters: "" means Flower's own default for the chosen strategy.
+STRATEGY_PARAMS = {
+    "server-learning-rate": float,
+    "server-momentum": float,
+    "proximal-mu": float,
+    "eta": float,
+    "eta-l": float,
+    "beta-1": float,
+    "beta-2": float,
+    "tau": float,
+    "beta": float,
+    "num-malicious-nodes": int,
+    "num-nodes-to-select": int,
+    "q": float,
+    "client-learning-rate": float,
+}
+
+DEFAULTS: dict[str, Any] = {
+    "method": "federa",
+    "model": "minilm-l6",
+    "dataset": "rotten-tomatoes",
+    "num-server-rounds": 8,
+    "strategy": "fedavg",
+    "partitioner": "dirichlet",
+    "dirichlet-alpha": 0.5,
+    "classes-per-client": 2,
+    "test-fraction": 0.2,
+    "lora-rank": 8,
+    "lora-alpha": 16,
+    "lora-dropout": 0.0,
+    "target-modules": "",
+    "svd": "full",
+    "svd-niter": 4,
+    "local-steps": 10,
+    "local-epochs": 0,
+    "batch-size": 16,
+    "eval-batch-size": 64,
+    "learning-rate": 0.002,
+    "weight-decay": 0.0,
+    "max-grad-norm": 1.0,
+    "lr-schedule": "constant",
+    "warmup-ratio": 0.0,
+    "max-length": 64,
+    "fraction-train": 1.0,
+    "min-train-nodes": 2,
+    "min-available-nodes": 2,
+    "num-threads": 0,
+    "seed": 42,
+    "output-dir": "",
+    "run-name": "",
+    "wire-log": False,
+    **{key: "" for key in STRATEGY_PARAMS},
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated run config; field names are the kebab-case keys with underscores."""
+
+    method: str
+    model: str
+    dataset: str
+    num_server_rounds: int
+    strategy: str
+    partitioner: str
+    dirichlet_alpha: float
+    classes_per_client: int
+    test_fraction: float
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    svd: str
+    svd_niter: int
+    local_steps: int
+    local_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    learning_rate: float
+    weight_decay: float
+    max_grad_norm: float
+    lr_schedule: str
+    warmup_ratio: float
+    max_length: int
+    fraction_train: float
+    min_train_nodes: int
+    min_available_nodes: int
+    num_threads: int
+    seed: int
+    output_dir: str
+    run_name: str
+    wire_log: bool
+    strategy_params: dict[str, float | int]
+
+    @property
+    def uses_lora(self) -> bool:
+        """True for the methods that train a peft LoRA adapter (federa, lora)."""
+        return self.method in ("federa", "lora")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as kebab-case keys, JSON-ready (strategy parameters flattened)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "strategy_params":
+                out.update(value)
+            elif f.name == "target_modules":
+                out["target-modules"] = ",".join(value)
+            else:
+                out[f.name.replace("_", "-")] = value
+        return out
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    """Coerce one value to `kind` (ints are fine where floats are wanted); else ConfigError."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"run-config {key}={value!r} must be a {kind.__name__} (default {DEFAULTS[key]!r})"
+        )
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"run-config {key}={value!r} is invalid: {valid}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, "valid choices are " + ", ".join(choices))
+
+
+def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """Validate a Flower run config (defaults merged with overrides) into a RunConfig."""
+    unknown = sorted(set(run_config) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key {unknown[0]!r}; valid keys are " + ", ".join(DEFAULTS)
+        )
+    merged = {**DEFAULTS, **run_config}
+    values: dict[str, Any] = {}
+    for key, default in DEFAULTS.items():
+        if key in STRATEGY_PARAMS:
+            continue
+        values[key] = _typed(key, merged[key], type(default))
+
+    _choice("method", values["method"], METHODS)
+    _choice("strategy", values["strategy"], STRATEGIES)
+    _choice("svd", values["svd"], SVD_MODES)
+    _choice("lr-schedule", values["lr-schedule"], LR_SCHEDULES)
+    part = values["partitioner"]
+    _check(
+        part in ("dirichlet", "iid", "pathological")
+        or (part.startswith("column:") and len(part) > 7),
+        "partitioner",
+        part,
+        "valid choices are " + PARTITIONER_HELP,
+    )
+    for key in (
+        "num-server-rounds",
+        "lora-rank",
+        "batch-size",
+        "eval-batch-size",
+        "max-length",
+        "classes-per-client",
+        "svd-niter",
+    ):
+        _check(values[key] >= 1, key, values[key], "must be >= 1")
+    for key in ("local-epochs", "num-threads", "min-train-nodes", "min-available-nodes"):
+        _check(values[key] >= 0, key, values[key], "must be >= 0")
+    _check(
+        values["local-steps"] >= 1 or values["local-epochs"] >= 1,
+        "local-steps",
+        values["local-steps"],
+        "must be >= 1 unless local-epochs >= 1",
+    )
+    for key in ("dirichlet-alpha", "lora-alpha", "learning-rate"):
+        _check(values[key] > 0, key, values[key], "must be > 0")
+    for key in ("weight-decay", "max-grad-norm"):
+        _check(values[key] >= 0, key, values[key], "must be >= 0 (0 disables it)")
+    _check(0 < values["test-fraction"] < 1, "test-fraction", values["test-fraction"], "in (0, 1)")
+    _check(
+        0 < values["fraction-train"] <= 1, "fraction-train", values["fraction-train"], "in (0, 1]"
+    )
+    _check(0 <= values["lora-dropout"] < 1, "lora-dropout", values["lora-dropout"], "in [0, 1)")
+    _check(0 <= values["warmup-ratio"] < 1, "warmup-ratio", values["warmup-ratio"], "in [0, 1)")
+    _check(
+        re.fullmatch(r"[A-Za-z0-9._-]*", values["run-name"]) is not None,
+        "run-name",
+        values["run-name"],
+        "use letters, digits, '.', '_' and '-' only",
+    )
+
+    strategy_params: dict[str, float | int] = {}
+    for key, kind in STRATEGY_PARAMS.items():
+        value = merged[key]
+        if value == "":
+            continue
+        value = _typed(key, value, kind)
+        _check(value >= 0, key, value, 'must be >= 0 (or "" for Flower\'s default)')
+        strategy_params[key] = value
+
+    targets = tuple(t.strip() for t in values["target-modules"].split(",") if t.strip())
+    return RunConfig(
+        **{k.replace("-", "_"): v for k, v in values.items() if k != "target-modules"},
+        target_modules=targets,
+        strategy_params=strategy_params,
+    )
+
+
+# flwr's own `--run-config` parser rejects unquoted strings (method=lora); people type them.
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse "k=v k2=v2" like `flwr run --run-config`, also accepting unquoted strings."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    rest = _PAIR.sub("", text).strip()
+    if rest:
+        raise ConfigError(f"cannot parse run-config {rest!r}: use space-separated key=value pairs")
+    for key, raw in _PAIR.findall(text):
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def to_flwr_overrides(values: dict[str, Any]) -> str:
+    """Render overrides as the TOML-valued `k=v` string `flwr run --run-config` accepts."""
+    import json
+
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value!r}")
+        else:
+            parts.append(f"{key}={json.dumps(str(value))}")
+    return " ".join(parts)

@@ -1,0 +1,399 @@
+"""Labelled text datasets: loading, a seeded train/test split, client partitions and batches.
+
+Every dataset comes out as a `datasets.Dataset` with `text`, `label` (a ClassLabel, ids 0..K-1),
+an optional `text_pair` and any metadata columns. Partitions come from flwr-datasets'
+partitioners, seeded, so every node and process derives the same client data on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from datasets import ClassLabel, Dataset, Value
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from federa_app.assets import DATASET_ASSETS, asset_path
+from federa_app.errors import AssetError, ConfigError, DataError
+
+DATASET_CHOICES: tuple[str, ...] = (*DATASET_ASSETS, "csv:PATH", "json:PATH", "hf:NAME[:CONFIG]")
+PARTITIONER_CHOICES: tuple[str, ...] = ("dirichlet", "iid", "pathological", "column:NAME")
+_STRING_FEATURES = (Value("string"), Value("large_string"))
+datasets.disable_progress_bars()  # tiny in-memory maps; bars would drown the per-round progress
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def validate_dataset_name(name: str) -> None:
+    """Check a dataset spec's syntax (and that a csv/json file exists) without loading it."""
+    kind, _, arg = name.partition(":")
+    if name in DATASET_ASSETS or (kind == "hf" and arg.partition(":")[0]):
+        return
+    if kind in ("csv", "json") and arg:
+        if not Path(arg).is_file():
+            raise ConfigError(f"dataset '{name}': no such file {arg}")
+        return
+    raise ConfigError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_CHOICES)}")
+
+
+def load_labelled(name: str) -> tuple[Dataset, list[str]]:
+    """Load a dataset spec as (rows with text/label[/text_pair], label names by id); cached."""
+    ds, label_names = _load_labelled_cached(name)
+    return ds, list(label_names)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_labelled_cached(name: str) -> tuple[Dataset, tuple[str, ...]]:
+    """Read, clean and label-encode a dataset once per process (clients ask for it every round)."""
+    validate_dataset_name(name)
+    kind, _, arg = name.partition(":")
+    if name == "rotten-tomatoes":
+        ds = _rotten_tomatoes()
+    elif name == "trec6":
+        ds = _trec6()
+    elif name == "sms-spam":
+        ds = _sms_spam()
+    elif kind in ("csv", "json"):
+        ds = _read_file(kind, arg)
+    else:
+        ds = _read_hub(*arg.split(":", 1))
+    return _encode(ds, source=name)
+
+
+def _rotten_tomatoes() -> Dataset:
+    """Critic snippets labelled fresh/rotten; the file also holds plot summaries and repeats."""
+    frame = pd.read_csv(asset_path("rotten-tomatoes"))
+    frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+    frame = frame.rename(columns={"category": "label"})[["text", "label", "movie_name"]]
+    return Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _trec6() -> Dataset:
+    """TREC questions with their 6 coarse labels (the fine `COARSE:fine` label kept as metadata)."""
+    lines = asset_path("trec6").read_text(encoding="latin-1").splitlines()
+    # The file repeats nested 1k..5.5k training sets: keep each line once, in file order.
+    lines = list(dict.fromkeys(line for line in lines if line.strip()))
+    fine_labels, texts = zip(*(line.split(" ", 1) for line in lines), strict=True)
+    coarse = [fine.split(":", 1)[0] for fine in fine_labels]
+    return Dataset.from_dict({"text": texts, "label": coarse, "fine_label": fine_labels})
+
+
+def _sms_spam() -> Dataset:
+    """SMS messages labelled ham/spam, with the rows a plain CSV read swallows split back out."""
+    frame = pd.read_csv(asset_path("sms-spam"))
+    frame["label"] = frame["spam"].map({0: "ham", 1: "spam"})
+    # A few cells hold raw "\nham\t..." / "\nspam\t..." lines of the source TSV: one row each.
+    pieces = frame["text"].str.split(r"\n(?=(?:ham|spam)\t)", regex=True)
+    frame = frame.assign(text=pieces).explode("text", ignore_index=True)
+    swallowed = frame["text"].str.extract(r"^(ham|spam)\t(.*)$", flags=re.DOTALL)
+    frame["label"] = swallowed[0].fillna(frame["label"])
+    frame["text"] = swallowed[1].fillna(frame["text"])
+    return Dataset.from_pandas(frame[["text", "label"]], preserve_index=False)
+
+
+def _read_file(kind: str, path: str) -> Dataset:
+    """A local CSV or JSON(-lines) file, read by `datasets`' packaged loaders."""
+    try:
+        # In memory: splits and partitions then never try to write index files next to the cache.
+        return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True)
+    except Exception as error:  # pyarrow/pandas parse errors have no common base class
+        cause = error
+        while cause.__cause__ is not None:  # DatasetGenerationError wraps the parser's error
+            cause = cause.__cause__
+        reason = (str(cause).strip().splitlines() or [""])[0]
+        raise DataError(f"could not read {kind} file {path}: {reason}") from error
+
+
+def _read_hub(hub_name: str, config: str | None = None) -> Dataset:
+    """The `train` split of a Hugging Face hub dataset (re-split later into train/test)."""
+    try:
+        return datasets.load_dataset(hub_name, config, split="train", keep_in_memory=True)
+    except OSError as error:  # ConnectionError when offline, FileNotFoundError when unknown
+        raise AssetError(
+            f"hub dataset '{hub_name}' could not be loaded ({type(error).__name__}); offline only "
+            f"{', '.join(DATASET_ASSETS)}, csv:PATH and json:PATH work"
+        ) from error
+    except ValueError as error:  # unknown config name or no train split
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"hub dataset '{hub_name}' config '{config}': {reason}") from error
+
+
+def _encode(ds: Dataset, source: str) -> tuple[Dataset, tuple[str, ...]]:
+    """Check the columns, drop unlabelled rows and make `label` a ClassLabel with sorted names."""
+    missing = [column for column in ("text", "label") if column not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"dataset '{source}' has no '{missing[0]}' column (columns found: "
+            f"{', '.join(ds.column_names)}); rename the columns to text, label[, text_pair]"
+        )
+    ds = ds.filter(lambda row: row["text"] is not None and row["label"] is not None)
+    if len(ds) == 0:
+        raise DataError(f"dataset '{source}' has no labelled rows")
+    for column in ("text", "text_pair"):
+        if column in ds.column_names and ds.features[column] not in _STRING_FEATURES:
+            ds = ds.cast_column(column, Value("string"))
+
+    label = ds.features["label"]
+    if isinstance(label, ClassLabel):  # a hub dataset's own label order is kept
+        ds = ds.filter(lambda row: row["label"] >= 0)  # -1 marks hidden labels (GLUE test sets)
+        return ds, tuple(label.names)
+    if not isinstance(label, Value) or label.dtype.startswith(("float", "double")):
+        raise DataError(
+            f"dataset '{source}' has {label} labels; give one class per row as a string or integer"
+        )
+    if label.dtype.startswith(("int", "uint")):
+        # class_encode_column would sort integers as strings ("10" < "2"): sort them as numbers
+        values = sorted(ds.unique("label"))
+        index = {value: i for i, value in enumerate(values)}
+        ds = ds.map(lambda batch: {"label": [index[v] for v in batch["label"]]}, batched=True)
+        ds = ds.cast_column("label", ClassLabel(names=[str(v) for v in values]))
+    else:
+        ds = ds.class_encode_column("label")
+    return ds, tuple(ds.features["label"].names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and partitioning
+
+
+# In-process memo keyed by dataset fingerprint: a client process is asked for its data every round.
+_MEMO: dict[tuple, object] = {}
+_MEMO_SIZE = 32
+
+
+def _memo_put(key: tuple, value: object) -> None:
+    """Remember a value, forgetting the oldest entry beyond _MEMO_SIZE."""
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[key] = value
+
+
+def split_train_test(ds: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Seeded train/test split, stratified by label where every class has enough rows; memoized."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test fraction {test_fraction} must be strictly between 0 and 1")
+    key = ("split", ds._fingerprint, test_fraction, seed)
+    if key not in _MEMO:
+        try:
+            parts = ds.train_test_split(
+                test_size=test_fraction, seed=seed, stratify_by_column="label", keep_in_memory=True
+            )
+        except ValueError:  # a class with a single row, or label not a ClassLabel: plain split
+            parts = ds.train_test_split(test_size=test_fraction, seed=seed, keep_in_memory=True)
+        _memo_put(key, (parts["train"], parts["test"]))
+    return _MEMO[key]
+
+
+class ColumnGroupPartitioner(Partitioner):
+    """Each of exactly `num_partitions` clients holds whole groups of one column's values.
+
+    Hand-written because flwr-datasets' NaturalIdPartitioner makes one partition per value and
+    GroupedNaturalIdPartitioner a fixed number of values per partition, so neither can be
+    asked for exactly N partitions.
+    """
+
+    def __init__(self, partition_by: str, num_partitions: int, seed: int) -> None:
+        super().__init__()
+        self._partition_by = partition_by
+        self._num_partitions = num_partitions
+        self._seed = seed
+        self._indices: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def load_partition(self, partition_id: int) -> Dataset:
+        """Rows whose column value was dealt to this partition (values dealt once, seeded)."""
+        if self._indices is None:
+            column = self.dataset.select_columns(self._partition_by).to_pandas()[self._partition_by]
+            codes, values = pd.factorize(column, sort=True, use_na_sentinel=False)  # None: a value
+            if len(values) < self._num_partitions:
+                raise ValueError(
+                    f"column '{self._partition_by}' has only {len(values)} distinct values"
+                )
+            shuffled = np.random.default_rng(self._seed).permutation(len(values))
+            partition_of_value = np.empty(len(values), dtype=int)
+            for partition, chunk in enumerate(np.array_split(shuffled, self._num_partitions)):
+                partition_of_value[chunk] = partition
+            partition_of_row = partition_of_value[codes]
+            self._indices = [
+                np.flatnonzero(partition_of_row == p) for p in range(self._num_partitions)
+            ]
+        return self.dataset.select(self._indices[partition_id])
+
+
+def make_partitioner(
+    spec: str, num_partitions: int, seed: int, dirichlet_alpha: float, classes_per_client: int
+) -> Partitioner:
+    """A fresh flwr-datasets partitioner for a spec in PARTITIONER_CHOICES, not yet given data."""
+    if num_partitions < 1:
+        raise ConfigError(f"number of partitions {num_partitions} must be at least 1")
+    if spec == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if spec == "dirichlet":
+        if not dirichlet_alpha > 0:
+            raise ConfigError(f"dirichlet-alpha {dirichlet_alpha} must be greater than 0")
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(dirichlet_alpha),
+            min_partition_size=1,  # redraw (seeded, at most 10 times) while a client gets nothing
+            seed=seed,
+        )
+    if spec == "pathological":
+        if classes_per_client < 1:
+            raise ConfigError(f"classes-per-client {classes_per_client} must be at least 1")
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",  # every class used when N >= K
+            seed=seed,
+        )
+    if spec.startswith("column:") and spec.removeprefix("column:"):
+        return ColumnGroupPartitioner(spec.removeprefix("column:"), num_partitions, seed)
+    raise ConfigError(
+        f"unknown partitioner '{spec}'; choose one of: {', '.join(PARTITIONER_CHOICES)}"
+    )
+
+
+def _partitions(
+    train: Dataset,
+    spec: str,
+    num_partitions: int,
+    seed: int,
+    dirichlet_alpha: float,
+    classes_per_client: int,
+) -> list[Dataset]:
+    """All partitions of `train` for a spec, computed once per process and memoized."""
+    key = ("partitions", train._fingerprint, spec, num_partitions, seed, dirichlet_alpha)
+    key += (classes_per_client,)
+    if key in _MEMO:
+        return _MEMO[key]
+    column = spec.removeprefix("column:") if spec.startswith("column:") else "label"
+    partitioner = make_partitioner(spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
+    if column not in train.column_names:
+        raise DataError(
+            f"partitioner '{spec}': no column '{column}' in the training data "
+            f"(columns: {', '.join(train.column_names)})"
+        )
+    cannot_split = f"cannot split {len(train)} training rows into {num_partitions} partitions"
+    if len(train) < num_partitions:
+        raise DataError(f"partitioner '{spec}' {cannot_split}; use fewer clients")
+    # IidPartitioner takes contiguous shards, so rows are shuffled (seeded) for every partitioner.
+    partitioner.dataset = train.shuffle(seed=seed, keep_in_memory=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flwr warns per Dirichlet redraw; we raise if all fail
+            partitions = [partitioner.load_partition(p) for p in range(num_partitions)]
+    except ValueError as error:
+        raise DataError(
+            f"partitioner '{spec}' {cannot_split} ({error}); {_advice(spec)}"
+        ) from error
+    _memo_put(key, partitions)
+    return partitions
+
+
+def _advice(spec: str) -> str:
+    """What a user can change when partitions come out empty or impossible."""
+    if spec == "dirichlet":
+        return "use a larger dirichlet-alpha or fewer clients"
+    if spec == "pathological":
+        return "use fewer clients or fewer classes-per-client"
+    return "use fewer clients"
+
+
+def _check_not_empty(sizes: list[int], partition_ids: list[int], spec: str) -> None:
+    """Raise DataError naming the first of `partition_ids` that holds no rows.
+
+    The partitioners configured above never leave a client empty; this guards the contract the
+    server relies on should a partitioner's behaviour change.
+    """
+    for partition_id in partition_ids:
+        if sizes[partition_id] == 0:
+            raise DataError(
+                f"partition {partition_id} of {len(sizes)} is empty (partitioner '{spec}', "
+                f"{sum(sizes)} training rows); {_advice(spec)}"
+            )
+
+
+def partition_sizes(
+    train: Dataset,
+    spec: str,
+    num_partitions: int,
+    seed: int,
+    dirichlet_alpha: float,
+    classes_per_client: int,
+) -> list[int]:
+    """Rows per partition, so the server can refuse a run with an empty client before training."""
+    partitions = _partitions(train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
+    sizes = [len(partition) for partition in partitions]
+    _check_not_empty(sizes, list(range(num_partitions)), spec)
+    return sizes
+
+
+def client_partition(
+    train: Dataset,
+    spec: str,
+    num_partitions: int,
+    partition_id: int,
+    seed: int,
+    dirichlet_alpha: float,
+    classes_per_client: int,
+) -> Dataset:
+    """One client's rows of the training split; identical on every node for the same seed."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition id {partition_id} is not in 0..{num_partitions - 1}")
+    partitions = _partitions(train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
+    _check_not_empty([len(partition) for partition in partitions], [partition_id], spec)
+    return partitions[partition_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def make_loader(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    max_length: int,
+    shuffle: bool,
+    seed: int,
+) -> DataLoader:
+    """Batches of input_ids/attention_mask[/token_type_ids]/labels, padded per batch (dynamic)."""
+    has_pair = "text_pair" in ds.column_names
+
+    def tokenize(batch: dict) -> dict:
+        # Batch columns may be arrow-backed str arrays (pandas 3) or Column objects: make lists.
+        pair = list(batch["text_pair"]) if has_pair else None
+        return tokenizer(list(batch["text"]), pair, truncation=True, max_length=max_length)
+
+    encoded = ds.map(
+        tokenize,
+        batched=True,
+        remove_columns=[c for c in ds.column_names if c != "label"],
+        keep_in_memory=True,
+    ).rename_column("label", "labels")
+    return DataLoader(
+        encoded,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,202 @@
+"""The ServerApp's work: validate, initialise (FeDeRA's SVD), run the strategy, evaluate, record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from federa_app import data
+from federa_app.config import RunConfig, parse_run_config
+from federa_app.models import (
+    build_model,
+    check_model_fits,
+    count_params,
+    initial_factors,
+    load_tokenizer,
+    load_trainable_state,
+    resolve_model,
+    save_final_model,
+    target_modules,
+    trainable_state,
+    write_labels,
+)
+from federa_app.records import PLOT_FILE, RunDirectory, plot_accuracy
+from federa_app.strategies import build_strategy, strategy_settings
+from federa_app.training import evaluate
+from federa_app.wire import Traffic, WireRecorder
+
+PROGRESS_PREFIX = "federa-round"
+
+
+def set_threads(cfg: RunConfig) -> int:
+    """Use `num-threads`, else the CPUs this process was given (Ray sets OMP_NUM_THREADS)."""
+    import os
+
+    threads = (
+        cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+    )
+    torch.set_num_threads(threads)
+    return threads
+
+
+def load_task(cfg: RunConfig) -> tuple[Any, Any, tuple[str, ...]]:
+    """The seeded train/test split of the configured dataset and its label names."""
+    dataset, labels = data.load_labelled(cfg.dataset)
+    train, test = data.split_train_test(dataset, cfg.test_fraction, cfg.seed)
+    return train, test, tuple(labels)
+
+
+def round_row(server_round: int, scores: dict, traffic: Traffic, seconds: float) -> dict:
+    """One metrics.jsonl row: server-side scores, client-reported train loss and timings, bytes."""
+    replies = traffic.reply_metrics
+    examples = sum(m.get("num-examples", 0) for m in replies)
+    train_loss = (
+        sum(m["train_loss"] * m["num-examples"] for m in replies) / examples if examples else None
+    )
+    client_seconds = [m.get("client_seconds", 0.0) for m in replies]
+    return {
+        "round": server_round,
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "loss": scores["loss"],
+        "train_loss": train_loss,
+        "bytes_up": traffic.bytes_up,
+        "bytes_down": traffic.bytes_down,
+        "clients": len(replies),
+        "failures": len(traffic.failures),
+        "client_seconds_max": max(client_seconds, default=0.0),
+        "client_seconds_sum": sum(client_seconds),
+        "round_seconds": seconds,
+    }
+
+
+def run_server(grid: Grid, context: Context) -> None:
+    """Run one federated fine-tuning job and write its run directory."""
+    started = time.perf_counter()
+    cfg = parse_run_config(context.run_config)
+    random.seed(cfg.seed)  # Flower samples nodes with the global `random`
+    set_threads(cfg)
+
+    # Everything that can be wrong with the input is checked before any training starts.
+    model_ref = resolve_model(cfg.model)
+    train, test, labels = load_task(cfg)
+    check_model_fits(cfg, model_ref, len(labels))
+    num_nodes = len(list(grid.get_node_ids()))
+    if num_nodes:
+        data.partition_sizes(
+            train,
+            cfg.partitioner,
+            num_nodes,
+            cfg.seed,
+            cfg.dirichlet_alpha,
+            cfg.classes_per_client,
+        )
+    strategy = build_strategy(cfg)
+    run_dir = RunDirectory.create(cfg, context.run_id)
+    log(logging.INFO, "federa: run directory %s", run_dir.path)
+
+    svd_start = time.perf_counter()
+    factors = initial_factors(cfg, model_ref, labels) if cfg.method == "federa" else None
+    svd_seconds = time.perf_counter() - svd_start
+    model = build_model(cfg, model_ref, labels, factors)
+    trainable, total = count_params(model)
+    majority_rate = Counter(test["label"]).most_common(1)[0][1] / len(test)
+    run_dir.write_config(
+        {
+            **cfg.to_dict(),
+            "model-path": model_ref,
+            "resolved-target-modules": target_modules(cfg, model_ref) if cfg.uses_lora else [],
+            "strategy-settings": strategy_settings(strategy, cfg.strategy),
+            "labels": list(labels),
+            "num-nodes": num_nodes,
+            "train-examples": len(train),
+            "test-examples": len(test),
+            "majority-rate": majority_rate,
+            "flwr-version": flwr.__version__,
+            "torch-version": torch.__version__,
+            "run-id": context.run_id,
+        }
+    )
+
+    test_loader = data.make_loader(
+        test, load_tokenizer(model_ref), cfg.eval_batch_size, cfg.max_length, False, cfg.seed
+    )
+    rows: list[dict] = []
+
+    def log_message(record: dict) -> None:
+        with open(run_dir.path / "wire.jsonl", "a") as f:
+            f.write(json.dumps({"round": len(rows), **record}) + "\n")
+
+    wire = WireRecorder(
+        grid,
+        ArrayRecord(factors) if factors is not None else None,
+        on_message=log_message if cfg.wire_log else None,
+    )
+    clock = [time.perf_counter()]
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state(model, arrays.to_torch_state_dict())
+        scores = evaluate(model, test_loader, len(labels))
+        traffic = wire.next_round()
+        row = round_row(server_round, scores, traffic, time.perf_counter() - clock[0])
+        rows.append(row)
+        run_dir.append_metrics(row)
+        log(logging.INFO, "%s %s", PROGRESS_PREFIX, row)
+        for node, reason in traffic.failures:
+            log(logging.WARNING, "federa: round %d node %d failed: %s", server_round, node, reason)
+        if server_round > 0 and row["clients"] == 0:
+            reason = traffic.failures[0][1] if traffic.failures else "no node was sampled"
+            raise RuntimeError(f"round {server_round} got no results: {reason}")
+        clock[0] = time.perf_counter()
+        return MetricRecord({k: scores[k] for k in ("accuracy", "macro_f1", "loss")})
+
+    result = strategy.start(
+        grid=wire,
+        initial_arrays=ArrayRecord(trainable_state(model)),
+        num_rounds=cfg.num_server_rounds,
+        train_config=ConfigRecord({}),
+        evaluate_fn=evaluate_round,
+    )
+
+    load_trainable_state(model, result.arrays.to_torch_state_dict())
+    save_final_model(model, cfg, run_dir.adapter_dir, factors)
+    write_labels(run_dir.adapter_dir, labels)
+    plot_accuracy(
+        rows,
+        run_dir.path / PLOT_FILE,
+        f"{cfg.method} on {cfg.dataset} ({cfg.strategy}, {num_nodes} nodes)",
+        majority_rate,
+    )
+    run_dir.write_summary(
+        {
+            "method": cfg.method,
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "strategy": cfg.strategy,
+            "rounds": cfg.num_server_rounds,
+            "final_accuracy": rows[-1]["accuracy"],
+            "best_accuracy": max(r["accuracy"] for r in rows),
+            "final_macro_f1": rows[-1]["macro_f1"],
+            "initial_accuracy": rows[0]["accuracy"],
+            "majority_rate": majority_rate,
+            "trainable_params": trainable,
+            "total_params": total,
+            "bytes_up_total": sum(r["bytes_up"] for r in rows),
+            "bytes_down_total": sum(r["bytes_down"] for r in rows),
+            "failures_total": sum(r["failures"] for r in rows),
+            "svd_seconds": svd_seconds,
+            "wall_seconds": time.perf_counter() - started,
+            "run_dir": str(run_dir.path),
+        }
+    )
+    log(logging.INFO, "federa: finished, run directory %s", run_dir.path)

@@ -1,0 +1,138 @@
+"""What crosses the wire: a Grid wrapper that ships FeDeRA's factors once and counts every byte.
+
+Flower's strategies talk to the nodes only through `grid.send_and_receive`, so wrapping the Grid
+sees every message of every strategy without touching the strategies themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+INIT_FACTORS_KEY = "federa-init"
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records as Flower counts them (array payloads + names + scalars)."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+@dataclass
+class Traffic:
+    """What one round sent and received."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sent: list[tuple[int, list[str]]] = field(default_factory=list)  # (node, array names)
+    received: list[tuple[int, list[str]]] = field(default_factory=list)
+    reply_metrics: list[dict[str, float]] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (node, reason)
+
+
+class WireRecorder(Grid):
+    """Delegates to the real Grid; adds the initial factors to a node's first message; counts.
+
+    A node is marked as holding the factors only once it has replied without error, so a node
+    whose first round failed gets them again.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        init_factors: ArrayRecord | None = None,
+        on_message: Callable[[dict], None] | None = None,
+    ) -> None:
+        self._grid = grid
+        self._on_message = on_message  # gets one dict per message sent or received
+        self._init_factors = init_factors
+        self._nodes_with_factors: set[int] = set()
+        self.traffic = Traffic()
+        self.history: list[Traffic] = []
+
+    def next_round(self) -> Traffic:
+        """Close the current round's record and start a new one; returns the closed one."""
+        closed, self.traffic = self.traffic, Traffic()
+        self.history.append(closed)
+        return closed
+
+    # The Grid interface, delegated.
+    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run type
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send (adding factors where a node lacks them), then count the replies."""
+        outgoing = [self._with_factors(m) for m in messages]
+        for message in outgoing:
+            self.traffic.bytes_down += content_bytes(message.content)
+            self.traffic.sent.append((message.metadata.dst_node_id, _array_names(message.content)))
+            self._report("down", message.metadata.dst_node_id, message.content)
+        replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.traffic.failures.append((node, reply.error.reason))
+                continue
+            self._nodes_with_factors.add(node)
+            self.traffic.bytes_up += content_bytes(reply.content)
+            self.traffic.received.append((node, _array_names(reply.content)))
+            self._report("up", node, reply.content)
+            for metrics in reply.content.metric_records.values():
+                self.traffic.reply_metrics.append(dict(metrics))
+        answered = {r.metadata.src_node_id for r in replies}
+        for message in outgoing:
+            if message.metadata.dst_node_id not in answered:
+                self.traffic.failures.append((message.metadata.dst_node_id, "no reply (timeout)"))
+        return replies
+
+    def _report(self, direction: str, node: int, content: RecordDict) -> None:
+        if self._on_message is None:
+            return
+        arrays = {
+            key: {name: [list(arr.shape), arr.dtype, len(arr.data)] for name, arr in rec.items()}
+            for key, rec in content.array_records.items()
+        }
+        self._on_message(
+            {
+                "direction": direction,
+                "node": node,
+                "bytes": content_bytes(content),
+                "arrays": arrays,
+            }
+        )
+
+    def _with_factors(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        if self._init_factors is None or node in self._nodes_with_factors:
+            return message
+        content = RecordDict({**message.content, INIT_FACTORS_KEY: self._init_factors})
+        return Message(
+            content,
+            dst_node_id=node,
+            message_type=message.metadata.message_type,
+            group_id=message.metadata.group_id,
+        )
+
+
+def _array_names(content: RecordDict) -> list[str]:
+    return sorted(f"{key}/{name}" for key, rec in content.array_records.items() for name in rec)

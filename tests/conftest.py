@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny randomly initialised BERT saved as a local model directory."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+WORDS = (
+    "good great fine superb lovely fun bad awful boring dull poor sad the a movie film plot "
+    "actor is was very not and but of it this that"
+).split()
+
+
+def build_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """Save a 2-layer, 32-wide BERT encoder (no head) and a word-level vocab to `path`."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT model directory, usable wherever a `model` path is accepted."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def write_toy_csv(path: Path, rows: int = 400, seed: int = 0) -> Path:
+    """A learnable two-class sentiment CSV: the label follows the positive/negative words."""
+    rng = random.Random(seed)
+    pos, neg, filler = WORDS[:6], WORDS[6:12], WORDS[12:]
+    lines = ["text,label"]
+    for _ in range(rows):
+        label = rng.randint(0, 1)
+        words = rng.sample(pos if label else neg, 2) + rng.sample(filler, 4)
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)},{'positive' if label else 'negative'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,145 @@
+"""Real Ray simulations on a tiny BERT: wire contents, byte counts, run directory, failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import write_toy_csv
+from flwr.app import ArrayRecord
+
+from federa_app.config import parse_run_config
+from federa_app.models import build_model, initial_factors, load_saved_model, trainable_state
+from federa_app.records import read_metrics
+from federa_app.simulate import SimulationFailed, simulate
+from federa_app.wire import INIT_FACTORS_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = ("negative", "positive")
+METRIC_FIELDS = {
+    "round", "accuracy", "macro_f1", "loss", "train_loss", "bytes_up", "bytes_down", "clients",
+    "client_seconds_max", "client_seconds_sum", "round_seconds",
+}  # fmt: skip
+SUMMARY_FIELDS = {
+    "method", "model", "dataset", "strategy", "rounds", "final_accuracy", "best_accuracy",
+    "trainable_params", "total_params", "bytes_up_total", "bytes_down_total", "wall_seconds",
+}  # fmt: skip
+
+
+def _overrides(tiny_bert: Path, csv: Path, **extra) -> dict:
+    return {
+        "model": str(tiny_bert),
+        "dataset": f"csv:{csv}",
+        "num-server-rounds": 2,
+        "local-steps": 4,
+        "batch-size": 8,
+        "learning-rate": 0.01,
+        "lora-rank": 4,
+        "lora-alpha": 8,
+        "wire-log": True,
+        **extra,
+    }
+
+
+def _no_children_left() -> bool:
+    return not [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+
+
+@pytest.mark.parametrize("method", ["federa", "fft"])
+def test_only_trainable_tensors_cross_the_wire_and_bytes_add_up(tmp_path, tiny_bert, method):
+    csv = write_toy_csv(tmp_path / "toy.csv")
+    overrides = _overrides(tiny_bert, csv, method=method)
+    run_dir = simulate(3, overrides, output_dir=tmp_path / "runs", log=lambda _: None)
+    assert _no_children_left()
+
+    # The trainable tensors, computed independently of the run.
+    cfg = parse_run_config(overrides)
+    factors = initial_factors(cfg, str(tiny_bert), LABELS) if method == "federa" else None
+    model = build_model(cfg, str(tiny_bert), LABELS, factors)
+    trainable = trainable_state(model)
+    expected_bytes = ArrayRecord(trainable).count_bytes()
+    payload = sum(t.numel() * t.element_size() for t in trainable.values())
+    assert 0 < expected_bytes - payload < 200 * len(trainable)  # names + .npy headers only
+
+    messages = [json.loads(line) for line in (run_dir / "wire.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        sent = [m for m in messages if m["round"] == row["round"] and m["direction"] == "down"]
+        received = [m for m in messages if m["round"] == row["round"] and m["direction"] == "up"]
+        assert len(sent) == len(received) == row["clients"] == 3
+        for message in sent + received:
+            arrays = message["arrays"]["arrays"]
+            assert set(arrays) == set(trainable)
+            for name, (shape, _, nbytes) in arrays.items():
+                assert shape == list(trainable[name].shape)
+                assert nbytes >= trainable[name].numel() * 4
+        for message in received:
+            assert set(message["arrays"]) == {"arrays"}
+        init_sent = [m for m in sent if INIT_FACTORS_KEY in m["arrays"]]
+        if method == "federa" and row["round"] == 1:
+            assert len(init_sent) == 3  # once per node, in its first message
+            factor_record = ArrayRecord(factors)
+            for m in init_sent:
+                assert set(m["arrays"][INIT_FACTORS_KEY]) == set(factors)
+                assert m["bytes"] >= expected_bytes + factor_record.count_bytes()
+        else:
+            assert init_sent == []  # never again, and never for other methods
+        assert row["bytes_down"] == sum(m["bytes"] for m in sent)
+        assert row["bytes_up"] == sum(m["bytes"] for m in received)
+        for m in received:  # arrays + a MetricRecord of 5 scalars, counted as Flower counts them
+            metrics_bytes = m["bytes"] - expected_bytes
+            assert 5 * 8 <= metrics_bytes <= 5 * 8 + 100
+
+    # The run directory contract.
+    assert {"config.json", "metrics.jsonl", "summary.json", "adapter", "accuracy.png"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    assert all(METRIC_FIELDS <= set(r) for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["trainable_params"] == sum(t.numel() for t in trainable.values())
+    assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == method and config["num-nodes"] == 3
+
+    # The saved model reloads with plain transformers (+ peft) to the reported accuracy.
+    from federa_app import data
+
+    dataset, labels = data.load_labelled(f"csv:{csv}")
+    _, test = data.split_train_test(dataset, cfg.test_fraction, cfg.seed)
+    loaded = load_saved_model(run_dir / "adapter", str(tiny_bert), tuple(labels))
+    from federa_app.models import load_tokenizer
+    from federa_app.training import evaluate
+
+    loader = data.make_loader(test, load_tokenizer(str(tiny_bert)), 64, 64, False, 0)
+    scores = evaluate(loaded, loader, len(labels))
+    assert scores["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-9)
+    assert scores["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
+
+
+def test_a_round_without_results_fails_the_run_and_leaves_nothing_running(tmp_path, tiny_bert):
+    app = tmp_path / "faulty-app"
+    app.mkdir()
+    for name in ("pyproject.toml", "server_app.py", "README.md"):
+        shutil.copy(ROOT / name, app / name)
+    shutil.copytree(ROOT / "federa_app", app / "federa_app", ignore=shutil.ignore_patterns("__py*"))
+    (app / "client_app.py").write_text(
+        "from flwr.clientapp import ClientApp\n\napp = ClientApp()\n\n\n"
+        "@app.train()\ndef train(msg, context):\n"
+        "    raise RuntimeError('deliberately broken client')\n"
+    )
+    csv = write_toy_csv(tmp_path / "toy.csv")
+    with pytest.raises(SimulationFailed, match="round 1 got no results"):
+        simulate(
+            2, _overrides(tiny_bert, csv, **{"run-name": "broken"}), tmp_path / "runs",
+            app_dir=app, log=lambda _: None,
+        )  # fmt: skip
+    run_dir = tmp_path / "runs" / "broken"
+    assert not (run_dir / "summary.json").exists()  # an unfinished run never looks complete
+    assert [r["clients"] for r in read_metrics(run_dir)] == [0, 0]
+    assert _no_children_left()
