@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from federa_app.config import RunConfig
 from federa_app.errors import AssetError, ConfigError
 from federa_app.federa_init import apply_initial_factors, compute_initial_factors
 
-NAMED_MODELS = ("minilm-l6",)
+NAMED_MODELS = assets.MODEL_ASSETS
 
 
 def resolve_model(model: str) -> str:
@@ -236,8 +235,3 @@ def load_saved_model(adapter_dir: Path, base_ref: str, labels: tuple[str, ...]) 
 def write_labels(out_dir: Path, labels: tuple[str, ...]) -> None:
     """Record the label names next to the saved model (index = class id)."""
     (Path(out_dir) / "labels.json").write_text(json.dumps(list(labels)))
-
-
-def hub_offline() -> bool:
-    """True when Hugging Face hub access is switched off in the environment."""
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

@@ -10,7 +10,9 @@ it knows the PID to stop and leaves the user's ~/.flwr alone.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +30,7 @@ from federa_app.config import RunConfig, parse_run_config, to_flwr_overrides
 from federa_app.errors import ConfigError, FederaError
 from federa_app.models import check_model_fits, resolve_model
 from federa_app.records import SUMMARY_FILE, read_metrics, runs_root
+from federa_app.strategies import build_strategy
 
 Log = Callable[[str], object]
 
@@ -57,6 +60,13 @@ def validate(cfg: RunConfig, num_clients: int) -> None:
             f"--num-clients {num_clients} is below min-train-nodes/min-available-nodes "
             f"({needed}): use more clients or lower those keys"
         )
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)  # building it logs "federated evaluation skipped"
+    try:
+        build_strategy(cfg)  # fails on a strategy parameter the strategy does not have
+    finally:
+        flwr_logger.setLevel(level)
     model_ref = resolve_model(cfg.model)
     data.validate_dataset_name(cfg.dataset)
     dataset, labels = data.load_labelled(cfg.dataset)
@@ -191,7 +201,7 @@ def simulate(
              "--control-api-address", f"127.0.0.1:{control_port}",
              "--disable-runtime-dependency-installation", "--log-file", str(superlink_log)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, cwd=flwr_home,  # the cwd would shadow the bundle's modules
         )  # fmt: skip
         _wait_healthy(port, superlink, superlink_log)
         federation = f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
@@ -201,6 +211,7 @@ def simulate(
                  "--run-config", to_flwr_overrides(overrides),
                  "--federation-config", federation],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=flwr_home,
             )  # fmt: skip
             shown = 0
             while runner.poll() is None:
@@ -224,10 +235,10 @@ def simulate(
 
 def _failure_reason(run_log: Path, superlink_log: Path) -> str:
     """The most telling line of a failed run's logs, for a one-line error."""
-    text = run_log.read_text(errors="replace") if run_log.exists() else ""
-    for line in reversed(text.splitlines()):
-        stripped = line.strip()
-        if any(key in stripped for key in ("Error:", "Exception:", "got no results")):
-            return "the run failed: " + stripped[-400:]
-    tail = " | ".join(text.strip().splitlines()[-3:])[-400:]
+    lines = run_log.read_text(errors="replace").splitlines() if run_log.exists() else []
+    ours = [line for line in lines if "got no results" in line and "Error" in line]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): \S", line)]
+    if ours or errors:
+        return "the run failed: " + (ours or errors)[-1].strip()[:400]
+    tail = " | ".join(line.strip() for line in lines[-3:])[-400:]
     return f"the run failed (no summary.json written); last log lines: {tail or superlink_log}"

@@ -91,7 +91,7 @@ class WireRecorder(Grid):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.traffic.failures.append((node, reply.error.reason))
+                self.traffic.failures.append((node, short_reason(reply.error.reason)))
                 continue
             self._nodes_with_factors.add(node)
             self.traffic.bytes_up += content_bytes(reply.content)
@@ -132,6 +132,15 @@ class WireRecorder(Grid):
             message_type=message.metadata.message_type,
             group_id=message.metadata.group_id,
         )
+
+
+def short_reason(reason: str) -> str:
+    """One line from an error reply's reason (Flower wraps the ClientApp's traceback in it)."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Message:" in line:
+            return line.split("Message:", 1)[1].strip().rstrip("'>")[:300]
+    return (lines[-1] if lines else "unknown error")[:300]
 
 
 def _array_names(content: RecordDict) -> list[str]:
