@@ -36,7 +36,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global tensors on this node's partition; reply with the new tensors."""
     started = time.perf_counter()
     cfg = parse_run_config(context.run_config)
-    set_threads(cfg)
+    threads = set_threads(cfg)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     server_round = int(msg.content["config"].get("server-round", 0))
@@ -73,6 +73,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             "train_seconds": stats["train_seconds"],
             "client_seconds": time.perf_counter() - started,
             "partition-id": partition_id,
+            "num-threads": threads,
         }
     )
     content = RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": metrics})

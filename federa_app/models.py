@@ -63,7 +63,8 @@ def load_tokenizer(model_ref: str):  # noqa: ANN201 - transformers returns sever
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_base_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
+def pretrained_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
+    """The pre-trained model with a seeded new head, loaded once per process; never mutate it."""
     torch.manual_seed(seed)  # a new head (and any missing weight) starts identical everywhere
     model = AutoModelForSequenceClassification.from_pretrained(
         model_ref,
@@ -77,7 +78,7 @@ def _cached_base_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn
 
 def load_base_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
     """A fresh copy of the pre-trained model with a seeded new head (cached per process)."""
-    return copy.deepcopy(_cached_base_model(model_ref, tuple(labels), seed))
+    return copy.deepcopy(pretrained_model(model_ref, tuple(labels), seed))
 
 
 def target_modules(cfg: RunConfig, model_ref: str) -> list[str]:
@@ -134,7 +135,7 @@ def check_model_fits(cfg: RunConfig, model_ref: str, num_labels: int) -> None:
 
 def initial_factors(cfg: RunConfig, model_ref: str, labels: tuple[str, ...]) -> dict:
     """Server only, FeDeRA only: the SVD-derived initial factors (A0, B0) by parameter name."""
-    base = _cached_base_model(model_ref, tuple(labels), cfg.seed)
+    base = pretrained_model(model_ref, tuple(labels), cfg.seed)
     return compute_initial_factors(
         base, lora_config(cfg, model_ref), cfg.svd, cfg.svd_niter, cfg.seed
     )

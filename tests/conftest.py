@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# The hub is unreachable here: say so up front instead of letting each lookup time out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 WORDS = (
