@@ -15,8 +15,7 @@ from federa_app.models import (
     resolve_model,
     trainable_state,
 )
-from federa_app.server import load_task, set_threads
-from federa_app.training import train_locally
+from federa_app.training import set_threads, train_locally
 from federa_app.wire import INIT_FACTORS_KEY
 
 
@@ -42,7 +41,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
 
     model_ref = resolve_model(cfg.model)
-    train, _, labels = load_task(cfg)
+    train, _, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     partition = data.client_partition(
         train,
         cfg.partitioner,

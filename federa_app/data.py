@@ -198,6 +198,15 @@ def split_train_test(ds: Dataset, test_fraction: float, seed: int) -> tuple[Data
     return _MEMO[key]
 
 
+def load_task(
+    name: str, test_fraction: float, seed: int
+) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+    """The seeded (train, test) split of a dataset spec and its label names."""
+    dataset, labels = load_labelled(name)
+    train, test = split_train_test(dataset, test_fraction, seed)
+    return train, test, tuple(labels)
+
+
 class ColumnGroupPartitioner(Partitioner):
     """Each of exactly `num_partitions` clients holds whole groups of one column's values.
 

@@ -7,7 +7,6 @@ import logging
 import random
 import time
 from collections import Counter
-from typing import Any
 
 import flwr
 import torch
@@ -16,7 +15,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from federa_app import data
-from federa_app.config import RunConfig, parse_run_config
+from federa_app.config import parse_run_config
 from federa_app.models import (
     build_model,
     check_model_fits,
@@ -33,28 +32,10 @@ from federa_app.models import (
 )
 from federa_app.records import PLOT_FILE, RunDirectory, plot_accuracy
 from federa_app.strategies import build_strategy, strategy_settings
-from federa_app.training import evaluate
+from federa_app.training import evaluate, set_threads
 from federa_app.wire import Traffic, WireRecorder
 
 PROGRESS_PREFIX = "federa-round"
-
-
-def set_threads(cfg: RunConfig) -> int:
-    """Use `num-threads`, else the CPUs this process was given (Ray sets OMP_NUM_THREADS)."""
-    import os
-
-    threads = (
-        cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
-    )
-    torch.set_num_threads(threads)
-    return threads
-
-
-def load_task(cfg: RunConfig) -> tuple[Any, Any, tuple[str, ...]]:
-    """The seeded train/test split of the configured dataset and its label names."""
-    dataset, labels = data.load_labelled(cfg.dataset)
-    train, test = data.split_train_test(dataset, cfg.test_fraction, cfg.seed)
-    return train, test, tuple(labels)
 
 
 def round_row(
@@ -93,7 +74,7 @@ def run_server(grid: Grid, context: Context) -> None:
 
     # Everything that can be wrong with the input is checked before any training starts.
     model_ref = resolve_model(cfg.model)
-    train, test, labels = load_task(cfg)
+    train, test, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     check_model_fits(cfg, model_ref, len(labels))
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes:

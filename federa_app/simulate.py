@@ -69,9 +69,8 @@ def validate(cfg: RunConfig, num_clients: int) -> None:
         flwr_logger.setLevel(level)
     model_ref = resolve_model(cfg.model)
     data.validate_dataset_name(cfg.dataset)
-    dataset, labels = data.load_labelled(cfg.dataset)
+    train, _, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     check_model_fits(cfg, model_ref, len(labels))
-    train, _ = data.split_train_test(dataset, cfg.test_fraction, cfg.seed)
     data.partition_sizes(
         train, cfg.partitioner, num_clients, cfg.seed, cfg.dirichlet_alpha, cfg.classes_per_client
     )

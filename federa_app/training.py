@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import torch
@@ -10,6 +11,13 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from federa_app.config import RunConfig
+
+
+def set_threads(cfg: RunConfig) -> int:
+    """Use `num-threads`, else the CPUs this process was given (Ray sets OMP_NUM_THREADS)."""
+    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", 0))
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
 
 
 def train_locally(

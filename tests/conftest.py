@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizer
 
 WORDS = (
     "good great fine superb lovely fun bad awful boring dull poor sad the a movie film plot "
@@ -25,7 +25,8 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    # transformers 5 takes `vocab=`; the old `vocab_file=` is silently ignored (all [UNK]).
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset
 from flwr_datasets.partitioner import DirichletPartitioner
-from transformers import BertTokenizerFast
+from transformers import BertTokenizer
 
 from federa_app import assets, data
 from federa_app.errors import AssetError, ConfigError, DataError
@@ -221,14 +221,16 @@ def test_hub_dataset_offline_gives_asset_error(monkeypatch: pytest.MonkeyPatch) 
 
 def test_make_loader_pads_each_batch_to_its_longest_row(tmp_path: Path) -> None:
     words = "the cat dog sat on a mat very long sentence with many words in it".split()
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words]))
-    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *dict.fromkeys(words)]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
     texts = ["the cat", "the dog sat", "a very long sentence with many words in it on a mat", "it"]
     ds = Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1], "idx": [0, 1, 2, 3]})
 
     short = list(data.make_loader(ds.select([0, 1]), tokenizer, 2, 12, False, 0))
     assert len(short) == 1 and short[0]["input_ids"].shape == (2, 5)  # [CLS] the dog sat [SEP]
     assert short[0]["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    tokens = tokenizer.convert_ids_to_tokens(short[0]["input_ids"][1].tolist())
+    assert tokens == ["[CLS]", "the", "dog", "sat", "[SEP]"]  # real words, not [UNK]
     batches = list(data.make_loader(ds, tokenizer, 2, 12, False, 0))
     assert [b["input_ids"].shape[1] for b in batches] == [5, 12]  # the long row is truncated
     assert set(batches[0]) == {"input_ids", "token_type_ids", "attention_mask", "labels"}

@@ -37,8 +37,9 @@ def _overrides(tiny_bert: Path, csv: Path, **extra) -> dict:
         "model": str(tiny_bert),
         "dataset": f"csv:{csv}",
         "num-server-rounds": 2,
-        "local-steps": 4,
-        "batch-size": 8,
+        "partitioner": "iid",
+        "local-steps": 15,
+        "batch-size": 16,
         "learning-rate": 0.01,
         "lora-rank": 4,
         "lora-alpha": 8,
@@ -76,6 +77,7 @@ def test_only_trainable_tensors_cross_the_wire_and_bytes_add_up(tmp_path, tiny_b
     messages = [json.loads(line) for line in (run_dir / "wire.jsonl").read_text().splitlines()]
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["loss"] < rows[0]["loss"]  # training reached the global model
     for row in rows[1:]:
         sent = [m for m in messages if m["round"] == row["round"] and m["direction"] == "down"]
         received = [m for m in messages if m["round"] == row["round"] and m["direction"] == "up"]
