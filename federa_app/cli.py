@@ -31,7 +31,38 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir}")
 
 
+def _quiet_transformers() -> None:
+    """Hide transformers' load report (the new head is expected to be missing)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def _methods(args: argparse.Namespace) -> None:
+    _quiet_transformers()
+    from federa_app.config import parse_overrides, parse_run_config
+    from federa_app.models import check_model_fits, method_table, resolve_model
+
+    cfg = parse_run_config(parse_overrides(" ".join(args.run_config)))
+    model_ref = resolve_model(cfg.model)
+    labels = tuple(f"label-{i}" for i in range(args.num_labels))
+    check_model_fits(cfg, model_ref, len(labels))
+    rows = method_table(cfg, model_ref, labels)
+    print(
+        f"{cfg.model}, {args.num_labels} labels, lora-rank {cfg.lora_rank}, adapter-size "
+        f"{cfg.adapter_size}; bytes per client per round, each way"
+    )
+    print(f"{'method':<11} {'trainable':>11} {'of model':>9} {'MB/round':>9} {'MB once':>8}")
+    for r in rows:
+        print(
+            f"{r['method']:<11} {r['trainable_params']:>11,} {r['fraction']:>9.3%} "
+            f"{r['bytes_per_round'] / 1e6:>9.3f} {r['bytes_once'] / 1e6:>8.3f}"
+        )
+    print("MB once: the SVD factors an SVD-initialised method sends each node in its first round")
+
+
 def _predict(args: argparse.Namespace) -> None:
+    _quiet_transformers()
     import torch
 
     from federa_app.models import load_saved_model, load_tokenizer
@@ -75,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per client (1)")
     sim.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
     sim.set_defaults(func=_simulate)
+
+    methods = sub.add_parser("methods", help="trainable parameters and bytes of every method")
+    methods.add_argument("--run-config", action="append", default=[], metavar='"k=v ..."')
+    methods.add_argument("--num-labels", type=int, default=2, help="classes of the task head (2)")
+    methods.set_defaults(func=_methods)
 
     pred = sub.add_parser("predict", help="classify texts with a finished run's saved model")
     pred.add_argument("run_dir", help="a run directory written by a finished run")

@@ -51,7 +51,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         cfg.dirichlet_alpha,
         cfg.classes_per_client,
     )
-    factors = initial_factors_for(msg, context) if cfg.method == "federa" else None
+    factors = initial_factors_for(msg, context) if cfg.uses_svd_init else None
     model = build_model(cfg, model_ref, labels, factors)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
 

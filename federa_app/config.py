@@ -13,7 +13,7 @@ from typing import Any
 
 from federa_app.errors import ConfigError
 
-METHODS = ("federa", "lora", "fft")
+METHODS = ("federa", "lora", "fft", "bitfit", "adapter", "ffa-lora", "federa-ffa")
 STRATEGIES = (
     "fedavg",
     "fedavgm",
@@ -27,6 +27,7 @@ STRATEGIES = (
     "multikrum",
     "bulyan",
     "qfedavg",
+    "svd-avg",
 )
 SVD_MODES = ("full", "randomized")
 LR_SCHEDULES = ("constant", "linear")
@@ -62,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "lora-rank": 8,
     "lora-alpha": 16,
     "lora-dropout": 0.0,
+    "adapter-size": 64,
     "target-modules": "",
     "svd": "full",
     "svd-niter": 4,
@@ -103,6 +105,7 @@ class RunConfig:
     lora_rank: int
     lora_alpha: float
     lora_dropout: float
+    adapter_size: int
     target_modules: tuple[str, ...]
     svd: str
     svd_niter: int
@@ -128,8 +131,13 @@ class RunConfig:
 
     @property
     def uses_lora(self) -> bool:
-        """True for the methods that train a peft LoRA adapter (federa, lora)."""
-        return self.method in ("federa", "lora")
+        """True for the methods built on a peft LoRA adapter."""
+        return self.method in ("federa", "lora", "ffa-lora", "federa-ffa")
+
+    @property
+    def uses_svd_init(self) -> bool:
+        """True for the methods whose adapter starts from the server's SVD factors."""
+        return self.method in ("federa", "federa-ffa")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as kebab-case keys, JSON-ready (strategy parameters flattened)."""
@@ -201,6 +209,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "max-length",
         "classes-per-client",
         "svd-niter",
+        "adapter-size",
     ):
         _check(values[key] >= 1, key, values[key], "must be >= 1")
     for key in ("local-epochs", "num-threads", "min-train-nodes", "min-available-nodes"):

@@ -1,19 +1,25 @@
 """Models: resolve a model name, build the model for a method, and move its trainable tensors.
 
-Methods: `federa` (LoRA with FeDeRA's SVD init, see `federa_init`), `lora` (peft's standard init:
-Kaiming A, zero B) and `fft` (every weight trains). For the LoRA methods the classification head
-is a peft `modules_to_save` module, so it trains and travels with the adapter.
+Methods (what trains and travels, besides the classification head):
+- `federa`: LoRA A and B, initialised from the SVD of W (see `federa_init`);
+- `lora`: LoRA A and B with peft's standard init (Kaiming A, zero B);
+- `ffa-lora` / `federa-ffa`: only B; A stays frozen at its (random / SVD) init (FFA-LoRA);
+- `bitfit`: every bias; `adapter`: Houlsby bottleneck adapters (see `adapters`);
+- `fft`: every weight.
+For the LoRA methods the head is a peft `modules_to_save` module, so it trains with the adapter.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import tempfile
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -22,11 +28,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from federa_app import assets
-from federa_app.config import RunConfig
+from federa_app.adapters import adapter_sites, add_adapters
+from federa_app.config import METHODS, RunConfig
 from federa_app.errors import AssetError, ConfigError
-from federa_app.federa_init import apply_initial_factors, compute_initial_factors
+from federa_app.federa_init import apply_initial_factors, compute_initial_factors, lora_layers
 
 NAMED_MODELS = assets.MODEL_ASSETS
+ADAPTER_WEIGHTS = "bottleneck_adapters.safetensors"
+ADAPTER_CONFIG = "bottleneck_adapters.json"
 
 
 def resolve_model(model: str) -> str:
@@ -107,15 +116,23 @@ def lora_config(cfg: RunConfig, model_ref: str) -> LoraConfig:
     )
 
 
+HEAD_PREFIXES = ("classifier.", "score.")  # the new task head of a sequence classifier
+
+
 def check_model_fits(cfg: RunConfig, model_ref: str, num_labels: int) -> None:
-    """Fail early when a LoRA target matches nothing or the rank exceeds a target matrix."""
-    if not cfg.uses_lora:
-        return
-    config = lora_config(cfg, model_ref)
+    """Fail early when adapters or LoRA targets match nothing, or a rank exceeds its matrix."""
     model_config = copy.deepcopy(load_model_config(model_ref))
     model_config.num_labels = num_labels
     with torch.device("meta"):  # shapes only: no memory, no weights read
         skeleton = AutoModelForSequenceClassification.from_config(model_config)
+    if cfg.method == "adapter" and not adapter_sites(skeleton):
+        raise ConfigError(
+            f"method adapter needs BERT-style layers (...attention.output.dense, ...output.dense); "
+            f"{model_ref} has none: use another method"
+        )
+    if not cfg.uses_lora:
+        return
+    config = lora_config(cfg, model_ref)
     linear = {n: m for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
     matched = {n: m for n, m in linear.items() if check_target_module_exists(config, n)}
     if not matched:
@@ -147,17 +164,27 @@ def build_model(
     labels: tuple[str, ...],
     factors: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """The model a method trains; FeDeRA needs the server's initial factors."""
-    base = load_base_model(model_ref, labels, cfg.seed)
+    """The model a method trains; the SVD-initialised methods need the server's factors."""
+    model = load_base_model(model_ref, labels, cfg.seed)
+    torch.manual_seed(cfg.seed)  # new weights (LoRA A, adapters) start identical on every party
     if cfg.method == "fft":
-        base.requires_grad_(True)
-        return base
-    torch.manual_seed(cfg.seed)  # the standard LoRA init, identical on every party
-    model = get_peft_model(base, lora_config(cfg, model_ref))
-    if cfg.method == "federa":
+        return model.requires_grad_(True)
+    if cfg.method in ("bitfit", "adapter"):
+        model.requires_grad_(False)
+        if cfg.method == "adapter":
+            add_adapters(model, cfg.adapter_size)  # new modules: trainable
+        for name, param in model.named_parameters():
+            if name.startswith(HEAD_PREFIXES) or (cfg.method == "bitfit" and name.endswith("bias")):
+                param.requires_grad_(True)
+        return model
+    model = get_peft_model(model, lora_config(cfg, model_ref))
+    if cfg.uses_svd_init:
         if factors is None:
-            raise ValueError("method federa needs the server's initial factors")
+            raise ValueError(f"method {cfg.method} needs the server's initial factors")
         apply_initial_factors(model, factors)
+    if cfg.method in ("ffa-lora", "federa-ffa"):
+        for layer in lora_layers(model).values():
+            layer.lora_A["default"].weight.requires_grad_(False)
     return model
 
 
@@ -192,14 +219,17 @@ def save_final_model(
 ) -> None:
     """Save what `adapter/` holds: loadable with plain transformers + peft on the unmodified base.
 
-    fft: the whole fine-tuned model. lora: the peft adapter. federa: peft's PiSSA-to-LoRA
-    conversion (rank 2r, delta = [B | -B0] @ [A ; A0]), so loading needs no SVD.
+    fft, bitfit: the whole fine-tuned model. lora, ffa-lora: the peft adapter. federa,
+    federa-ffa: peft's PiSSA-to-LoRA conversion (rank 2r, delta = [B | -B0] @ [A ; A0]), so
+    loading needs no SVD. adapter: its trainable tensors, rebuilt by `load_saved_model`.
     """
     out_dir = Path(out_dir)
-    if not isinstance(model, PeftModel):
-        model.save_pretrained(out_dir)
+    if cfg.method == "adapter":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(model), out_dir / ADAPTER_WEIGHTS)
+        (out_dir / ADAPTER_CONFIG).write_text(json.dumps({"adapter-size": cfg.adapter_size}))
         return
-    if cfg.method != "federa":
+    if not cfg.uses_svd_init:
         model.save_pretrained(out_dir)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,16 +253,50 @@ def save_final_model(
 
 
 def load_saved_model(adapter_dir: Path, base_ref: str, labels: tuple[str, ...]) -> nn.Module:
-    """Load `adapter/` the way a user would: plain transformers (+ peft for an adapter)."""
+    """Load `adapter/` the way a user would: plain transformers (+ peft for a LoRA adapter)."""
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
+    if (adapter_dir / "config.json").exists():  # fft, bitfit: a whole model
         return AutoModelForSequenceClassification.from_pretrained(adapter_dir).eval()
     base = AutoModelForSequenceClassification.from_pretrained(
         base_ref, num_labels=len(labels), id2label=dict(enumerate(labels))
     )
+    if (adapter_dir / ADAPTER_CONFIG).exists():  # bottleneck adapters: no library loads them
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        add_adapters(base, config["adapter-size"])
+        unexpected = base.load_state_dict(load_file(adapter_dir / ADAPTER_WEIGHTS), strict=False)[1]
+        if unexpected:
+            raise ValueError(f"{adapter_dir} holds tensors the model lacks, e.g. {unexpected[0]}")
+        return base.eval()
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
 def write_labels(out_dir: Path, labels: tuple[str, ...]) -> None:
     """Record the label names next to the saved model (index = class id)."""
     (Path(out_dir) / "labels.json").write_text(json.dumps(list(labels)))
+
+
+def method_table(cfg: RunConfig, model_ref: str, labels: tuple[str, ...]) -> list[dict]:
+    """Per method: trainable parameters, their share of the model, and tensor bytes per round.
+
+    Bytes are what one client receives and sends back per round (Flower's count: payload, .npy
+    headers, names); the SVD-initialised methods also receive their factors once per node.
+    """
+    rows = []
+    for method in METHODS:
+        method_cfg = dataclasses.replace(cfg, method=method)
+        factors = (
+            initial_factors(method_cfg, model_ref, labels) if method_cfg.uses_svd_init else None
+        )
+        model = build_model(method_cfg, model_ref, labels, factors)
+        trainable, total = count_params(model)
+        rows.append(
+            {
+                "method": method,
+                "trainable_params": trainable,
+                "total_params": total,
+                "fraction": trainable / total,
+                "bytes_per_round": ArrayRecord(trainable_state(model)).count_bytes(),
+                "bytes_once": ArrayRecord(factors).count_bytes() if factors else 0,
+            }
+        )
+    return rows

@@ -92,7 +92,7 @@ def run_server(grid: Grid, context: Context) -> None:
 
     pretrained_model(model_ref, labels, cfg.seed)  # load once, so svd_seconds is the SVD alone
     svd_start = time.perf_counter()
-    factors = initial_factors(cfg, model_ref, labels) if cfg.method == "federa" else None
+    factors = initial_factors(cfg, model_ref, labels) if cfg.uses_svd_init else None
     svd_seconds = time.perf_counter() - svd_start
     model = build_model(cfg, model_ref, labels, factors)
     trainable, total = count_params(model)
@@ -137,6 +137,8 @@ def run_server(grid: Grid, context: Context) -> None:
         traffic = wire.next_round()
         now = time.perf_counter()
         row = round_row(server_round, scores, traffic, now - clock[0], now - eval_start)
+        if server_round > 0:  # svd-avg reports how far its and FedAvg's aggregates are from exact
+            row.update(getattr(strategy, "last_aggregation_errors", {}))
         rows.append(row)
         run_dir.append_metrics(row)
         log(logging.INFO, "%s %s", PROGRESS_PREFIX, row)

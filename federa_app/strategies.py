@@ -9,6 +9,7 @@ from flwr.serverapp.strategy import Strategy
 
 from federa_app.config import STRATEGY_PARAMS, RunConfig
 from federa_app.errors import ConfigError
+from federa_app.svd_avg import SvdAvg
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": flwr_strategy.FedAvg,
@@ -23,7 +24,10 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "multikrum": flwr_strategy.MultiKrum,
     "bulyan": flwr_strategy.Bulyan,
     "qfedavg": flwr_strategy.QFedAvg,
+    "svd-avg": SvdAvg,
 }
+# svd-avg averages the LoRA product B @ A, so both factors must be on the wire.
+SVD_AVG_METHODS = ("federa", "lora")
 
 
 def own_parameters(name: str) -> list[str]:
@@ -47,6 +51,13 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     kwargs = {key.replace("-", "_"): value for key, value in cfg.strategy_params.items()}
     if cfg.strategy == "qfedavg":  # QFedAvg has no default for it: the clients' own rate
         kwargs.setdefault("client_learning_rate", cfg.learning_rate)
+    if cfg.strategy == "svd-avg":
+        if cfg.method not in SVD_AVG_METHODS:
+            raise ConfigError(
+                f"strategy svd-avg aggregates the LoRA product B @ A and works with method "
+                f"{' or '.join(SVD_AVG_METHODS)}, not {cfg.method!r}: use fedavg for it"
+            )
+        kwargs["rank"] = cfg.lora_rank
     return STRATEGY_CLASSES[cfg.strategy](
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,

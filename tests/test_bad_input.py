@@ -36,6 +36,7 @@ def _base(tmp_path, tiny_bert) -> str:
     ("run_config", "expected"),
     [
         ("method=qlora", "method='qlora' is invalid: valid choices are federa, lora, fft"),
+        ("method=bitfit strategy=svd-avg", "works with method federa or lora, not 'bitfit'"),
         ("strategy=fedsgd", "strategy='fedsgd' is invalid: valid choices are fedavg"),
         ("partitioner=random", "valid choices are dirichlet, iid, pathological, column:NAME"),
         ("lora-rnk=8", "unknown run-config key 'lora-rnk'"),

@@ -25,7 +25,7 @@ def test_pyproject_defaults_match_the_schema():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"method": "qlora"}, "method='qlora' is invalid: valid choices are federa, lora, fft"),
+        ({"method": "qlora"}, "valid choices are federa, lora, fft, bitfit, adapter, ffa-lora"),
         ({"strategy": "fedsgd"}, "valid choices are fedavg, fedavgm, fedprox"),
         ({"partitioner": "random"}, "dirichlet, iid, pathological, column:NAME"),
         ({"svd": "exact"}, "valid choices are full, randomized"),
@@ -68,7 +68,8 @@ def test_overrides_accept_unquoted_strings_like_people_type_them():
 
 def test_every_strategy_parameter_is_a_run_config_key():
     fedavg_params = set(inspect.signature(STRATEGY_CLASSES["fedavg"].__init__).parameters)
-    not_settable = {"selection_rule", "train_loss_key"}  # a callable; a metric name we fix
+    # a callable; a metric name we fix; svd-avg's rank is lora-rank; FedAvg's own arguments
+    not_settable = {"selection_rule", "train_loss_key", "rank", "fedavg_kwargs"}
     for name in STRATEGIES:
         params = set(inspect.signature(STRATEGY_CLASSES[name].__init__).parameters)
         for param in params - fedavg_params - not_settable:
@@ -78,6 +79,8 @@ def test_every_strategy_parameter_is_a_run_config_key():
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_builds_with_flowers_defaults(name):
     strategy = build_strategy(parse_run_config({"strategy": name}))
+    if name == "svd-avg":
+        assert strategy.rank == 8
     assert type(strategy) is STRATEGY_CLASSES[name]
     assert strategy.fraction_evaluate == 0.0  # the server evaluates centrally
     defaults = {
@@ -99,3 +102,7 @@ def test_strategy_parameters_are_set_and_checked():
     assert q.client_learning_rate == 0.003
     with pytest.raises(ConfigError, match="eta does not apply to strategy 'fedavg'"):
         build_strategy(parse_run_config({"eta": 0.05}))
+    with pytest.raises(
+        ConfigError, match="svd-avg .* works with method federa or lora, not 'bitfit'"
+    ):
+        build_strategy(parse_run_config({"strategy": "svd-avg", "method": "bitfit"}))

@@ -41,3 +41,28 @@ def test_federa_learns_on_the_real_model_and_data_and_the_adapter_reloads(tmp_pa
     assert main(["predict", str(run_dir), "a warm, funny, beautifully acted film"]) == 0
     label, probability, _ = capsys.readouterr().out.strip().split("\t")
     assert label in labels and 0.5 <= float(probability) <= 1.0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"method": "bitfit", "learning-rate": 0.01},
+        {"method": "adapter"},
+        {"method": "ffa-lora"},
+        {"method": "federa", "strategy": "svd-avg"},
+    ],
+    ids=["bitfit", "adapter", "ffa-lora", "svd-avg"],
+)
+def test_baselines_and_svd_avg_improve_on_the_real_model_and_data(tmp_path, overrides):
+    assets.fetch(["minilm-l6", "rotten-tomatoes"])
+    settings = {"partitioner": "iid", "num-server-rounds": 2, "local-steps": 10}
+    settings |= {"test-fraction": 0.05, "run-name": "it", **overrides}
+    run_dir = simulate(2, settings, output_dir=tmp_path, log=print)
+    rows = read_metrics(run_dir)
+    assert [r["clients"] for r in rows] == [0, 2, 2]
+    assert rows[2]["accuracy"] > rows[0]["accuracy"]
+    assert rows[2]["loss"] < rows[0]["loss"]
+    if overrides.get("strategy") == "svd-avg":
+        for r in rows[1:]:
+            assert 0 <= r["aggregation_error_svd"] <= r["aggregation_error_fedavg"]
