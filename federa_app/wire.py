@@ -26,8 +26,6 @@ class Traffic:
 
     bytes_down: int = 0
     bytes_up: int = 0
-    sent: list[tuple[int, list[str]]] = field(default_factory=list)  # (node, array names)
-    received: list[tuple[int, list[str]]] = field(default_factory=list)
     reply_metrics: list[dict[str, float]] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)  # (node, reason)
 
@@ -50,12 +48,10 @@ class WireRecorder(Grid):
         self._init_factors = init_factors
         self._nodes_with_factors: set[int] = set()
         self.traffic = Traffic()
-        self.history: list[Traffic] = []
 
     def next_round(self) -> Traffic:
         """Close the current round's record and start a new one; returns the closed one."""
         closed, self.traffic = self.traffic, Traffic()
-        self.history.append(closed)
         return closed
 
     # The Grid interface, delegated.
@@ -85,7 +81,6 @@ class WireRecorder(Grid):
         outgoing = [self._with_factors(m) for m in messages]
         for message in outgoing:
             self.traffic.bytes_down += content_bytes(message.content)
-            self.traffic.sent.append((message.metadata.dst_node_id, _array_names(message.content)))
             self._report("down", message.metadata.dst_node_id, message.content)
         replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
         for reply in replies:
@@ -95,7 +90,6 @@ class WireRecorder(Grid):
                 continue
             self._nodes_with_factors.add(node)
             self.traffic.bytes_up += content_bytes(reply.content)
-            self.traffic.received.append((node, _array_names(reply.content)))
             self._report("up", node, reply.content)
             for metrics in reply.content.metric_records.values():
                 self.traffic.reply_metrics.append(dict(metrics))
@@ -141,7 +135,3 @@ def short_reason(reason: str) -> str:
         if "Message:" in line:
             return line.split("Message:", 1)[1].strip().rstrip("'>")[:300]
     return (lines[-1] if lines else "unknown error")[:300]
-
-
-def _array_names(content: RecordDict) -> list[str]:
-    return sorted(f"{key}/{name}" for key, rec in content.array_records.items() for name in rec)
