@@ -12,6 +12,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizer
 
 WORDS = (
@@ -47,6 +49,15 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT model directory, usable wherever a `model` path is accepted."""
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let tests build flwr Messages: they take run/node/task ids from the runtime, as in a
+    ServerApp (outside one, `Message(...)` raises "TaskIdentity.run_id is not set")."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def write_toy_csv(path: Path, rows: int = 400, seed: int = 0) -> Path:

@@ -7,9 +7,7 @@ import pytest
 import torch
 from conftest import write_toy_csv
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from federa_app import data
 from federa_app.client import handle_train
@@ -39,14 +37,6 @@ def _expected_names(method: str, names: set[str]) -> set[str]:
         "federa-ffa": lambda n: ".lora_B." in n,
     }
     return head | {n for n in names if rules[method](n)}
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Messages take run, node and task ids from the runtime, as inside a ServerApp."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 @pytest.mark.parametrize("method", METHODS)

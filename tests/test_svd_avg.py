@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from federa_app.svd_avg import SvdAvg, aggregate_lora_product, lora_pairs, product_error
 
@@ -132,14 +130,6 @@ def client_state(seed: int) -> dict[str, torch.Tensor]:
     state[f"{HEAD}.weight"] = torch.randn(LABELS, HIDDEN, generator=gen)
     state[f"{HEAD}.bias"] = torch.randn(LABELS, generator=gen)
     return state
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Instruction Messages take run, node and task ids from the runtime, as in a ServerApp."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def train_reply(node_id: int, state: dict[str, torch.Tensor], num_examples: int) -> Message:
