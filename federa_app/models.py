@@ -281,12 +281,11 @@ def method_table(cfg: RunConfig, model_ref: str, labels: tuple[str, ...]) -> lis
     Bytes are what one client receives and sends back per round (Flower's count: payload, .npy
     headers, names); the SVD-initialised methods also receive their factors once per node.
     """
+    svd_factors = initial_factors(cfg, model_ref, labels)  # the same for every SVD method
     rows = []
     for method in METHODS:
         method_cfg = dataclasses.replace(cfg, method=method)
-        factors = (
-            initial_factors(method_cfg, model_ref, labels) if method_cfg.uses_svd_init else None
-        )
+        factors = svd_factors if method_cfg.uses_svd_init else None
         model = build_model(method_cfg, model_ref, labels, factors)
         trainable, total = count_params(model)
         rows.append(
