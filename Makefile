@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_CLIENTS ?= 10
 DEMO_CONFIG ?= dirichlet-alpha=1.0 num-server-rounds=8 learning-rate=0.002
 
-.PHONY: install fetch demo test lint format bench clean
+.PHONY: install fetch demo test lint format bench compare clean
 
 install: $(BIN)/.installed
 
@@ -35,6 +35,13 @@ format: install
 
 bench: fetch
 	$(BIN)/python simulation/bench_overhead.py
+	$(BIN)/python simulation/bench_memory.py
+	$(BIN)/python simulation/bench_svd.py
+
+# The comparison harness: `make compare GRID=quick` (a preset or a TOML file); see README.
+GRID ?= smoke
+compare: fetch
+	$(BIN)/federa compare $(GRID)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

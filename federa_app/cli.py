@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +30,26 @@ def _simulate(args: argparse.Namespace) -> None:
     )
     print(result_table(run_dir))
     print(f"run directory: {run_dir}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from simulation.compare import expand, is_finished, load_grid, run_grid
+    from simulation.report import write_report
+
+    grid = load_grid(args.grid)
+    out_dir = Path(args.output_dir or Path("results") / grid.name).resolve()
+    if args.dry_run:
+        for cell in expand(grid):
+            print(f"{'finished' if is_finished(out_dir, cell) else 'to run  '}  {cell.name}")
+        return
+    failures = [] if args.report_only else run_grid(grid, out_dir)
+    print(write_report(grid, out_dir, args.note))
+    print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'} and plots")
+    if failures:
+        from federa_app.simulate import SimulationFailed
+
+        names = ", ".join(cell.name for cell, _ in failures)
+        raise SimulationFailed(f"{len(failures)} cell(s) failed: {names} (re-run to retry them)")
 
 
 def _quiet_transformers() -> None:
@@ -107,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
     sim.set_defaults(func=_simulate)
 
+    comp = sub.add_parser("compare", help="run a grid of simulations; tables and plots")
+    comp.add_argument("grid", help="preset (smoke, quick, sweep, paper) or a TOML grid file")
+    comp.add_argument("--output-dir", default=None, help="grid directory (results/GRID-NAME)")
+    comp.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    comp.add_argument("--report-only", action="store_true", help="tables from finished cells")
+    comp.add_argument("--note", default="", help="a line for results.md (command, machine)")
+    comp.set_defaults(func=_compare)
+
     methods = sub.add_parser("methods", help="trainable parameters and bytes of every method")
     methods.add_argument("--run-config", action="append", default=[], metavar='"k=v ..."')
     methods.add_argument("--num-labels", type=int, default=2, help="classes of the task head (2)")
@@ -122,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors are one line on stderr and exit code 2; failed runs exit 1."""
     args = build_parser().parse_args(argv)
+    # `kill PID` should stop a run as cleanly as Ctrl-C: unwinding runs every cleanup block.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         args.func(args)
     except FederaError as exc:

@@ -33,6 +33,19 @@ SVD_MODES = ("full", "randomized")
 LR_SCHEDULES = ("constant", "linear")
 PARTITIONER_HELP = "dirichlet, iid, pathological, column:NAME"
 
+# `learning-rate = ""` picks the method's own rate. PEFT methods and full fine-tuning want very
+# different rates (FedPETuning swept 5e-5..1e-2 per method); these come from the sweep in
+# simulation/presets/sweep.toml on the default data (README, "Learning rates").
+METHOD_LEARNING_RATES = {
+    "federa": 0.002,
+    "lora": 0.002,
+    "fft": 0.0001,
+    "bitfit": 0.002,
+    "adapter": 0.002,
+    "ffa-lora": 0.005,
+    "federa-ffa": 0.005,
+}
+
 # Strategy parameters: "" means Flower's own default for the chosen strategy.
 STRATEGY_PARAMS = {
     "server-learning-rate": float,
@@ -71,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "local-epochs": 0,
     "batch-size": 16,
     "eval-batch-size": 64,
-    "learning-rate": 0.002,
+    "learning-rate": "",
     "weight-decay": 0.0,
     "max-grad-norm": 1.0,
     "lr-schedule": "constant",
@@ -85,6 +98,11 @@ DEFAULTS: dict[str, Any] = {
     "output-dir": "",
     "run-name": "",
     "wire-log": False,
+    "eval-max-examples": 0,
+    "target-accuracy": 0.0,
+    "device-slowdown": 1.0,
+    "uplink-mbps": 10.0,
+    "downlink-mbps": 50.0,
     **{key: "" for key in STRATEGY_PARAMS},
 }
 
@@ -127,6 +145,11 @@ class RunConfig:
     output_dir: str
     run_name: str
     wire_log: bool
+    eval_max_examples: int
+    target_accuracy: float
+    device_slowdown: float
+    uplink_mbps: float
+    downlink_mbps: float
     strategy_params: dict[str, float | int]
 
     @property
@@ -160,9 +183,9 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(
-            f"run-config {key}={value!r} must be a {kind.__name__} (default {DEFAULTS[key]!r})"
-        )
+        default = DEFAULTS[key]
+        hint = '"" = the default' if default == "" else f"default {default!r}"
+        raise ConfigError(f"run-config {key}={value!r} must be a {kind.__name__} ({hint})")
     return value
 
 
@@ -185,11 +208,15 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     merged = {**DEFAULTS, **run_config}
     values: dict[str, Any] = {}
     for key, default in DEFAULTS.items():
-        if key in STRATEGY_PARAMS:
+        if key in STRATEGY_PARAMS or key == "learning-rate":
             continue
         values[key] = _typed(key, merged[key], type(default))
 
     _choice("method", values["method"], METHODS)
+    lr = merged["learning-rate"]
+    values["learning-rate"] = (
+        METHOD_LEARNING_RATES[values["method"]] if lr == "" else _typed("learning-rate", lr, float)
+    )
     _choice("strategy", values["strategy"], STRATEGIES)
     _choice("svd", values["svd"], SVD_MODES)
     _choice("lr-schedule", values["lr-schedule"], LR_SCHEDULES)
@@ -212,7 +239,13 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "adapter-size",
     ):
         _check(values[key] >= 1, key, values[key], "must be >= 1")
-    for key in ("local-epochs", "num-threads", "min-train-nodes", "min-available-nodes"):
+    for key in (
+        "local-epochs",
+        "num-threads",
+        "min-train-nodes",
+        "min-available-nodes",
+        "eval-max-examples",
+    ):
         _check(values[key] >= 0, key, values[key], "must be >= 0")
     _check(
         values["local-steps"] >= 1 or values["local-epochs"] >= 1,
@@ -220,7 +253,14 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         values["local-steps"],
         "must be >= 1 unless local-epochs >= 1",
     )
-    for key in ("dirichlet-alpha", "lora-alpha", "learning-rate"):
+    for key in (
+        "dirichlet-alpha",
+        "lora-alpha",
+        "learning-rate",
+        "device-slowdown",
+        "uplink-mbps",
+        "downlink-mbps",
+    ):
         _check(values[key] > 0, key, values[key], "must be > 0")
     for key in ("weight-decay", "max-grad-norm"):
         _check(values[key] >= 0, key, values[key], "must be >= 0 (0 disables it)")
@@ -229,6 +269,12 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         0 < values["fraction-train"] <= 1, "fraction-train", values["fraction-train"], "in (0, 1]"
     )
     _check(0 <= values["lora-dropout"] < 1, "lora-dropout", values["lora-dropout"], "in [0, 1)")
+    _check(
+        0 <= values["target-accuracy"] <= 1,
+        "target-accuracy",
+        values["target-accuracy"],
+        "in [0, 1] (0 = no target)",
+    )
     _check(0 <= values["warmup-ratio"] < 1, "warmup-ratio", values["warmup-ratio"], "in [0, 1)")
     _check(
         re.fullmatch(r"[A-Za-z0-9._-]*", values["run-name"]) is not None,

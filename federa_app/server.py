@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from federa_app import data
 from federa_app.config import parse_run_config
+from federa_app.edge import TARGET_FIELDS, EdgeLink, edge_round_seconds, time_to_target
 from federa_app.models import (
     build_model,
     check_model_fits,
@@ -33,13 +34,19 @@ from federa_app.models import (
 from federa_app.records import PLOT_FILE, RunDirectory, plot_accuracy
 from federa_app.strategies import build_strategy, strategy_settings
 from federa_app.training import evaluate, set_threads
+from federa_app.updates import UpdateTracker, effective_weights
 from federa_app.wire import Traffic, WireRecorder
 
 PROGRESS_PREFIX = "federa-round"
 
 
 def round_row(
-    server_round: int, scores: dict, traffic: Traffic, seconds: float, eval_seconds: float
+    server_round: int,
+    scores: dict,
+    traffic: Traffic,
+    seconds: float,
+    eval_seconds: float,
+    aggregation_seconds: float,
 ) -> dict:
     """One metrics.jsonl row: server-side scores, client-reported train loss and timings, bytes."""
     replies = traffic.reply_metrics
@@ -62,6 +69,8 @@ def round_row(
         "client_seconds_sum": sum(client_seconds),
         "round_seconds": seconds,
         "eval_seconds": eval_seconds,
+        "aggregation_seconds": aggregation_seconds,
+        "client_costs": traffic.client_costs,
     }
 
 
@@ -75,6 +84,8 @@ def run_server(grid: Grid, context: Context) -> None:
     # Everything that can be wrong with the input is checked before any training starts.
     model_ref = resolve_model(cfg.model)
     train, test, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
+    if 0 < cfg.eval_max_examples < len(test):  # a fixed, seeded subset: same for every method
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.eval_max_examples))
     check_model_fits(cfg, model_ref, len(labels))
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes:
@@ -128,15 +139,24 @@ def run_server(grid: Grid, context: Context) -> None:
         ArrayRecord(factors) if factors is not None else None,
         on_message=log_message if cfg.wire_log else None,
     )
+    link = EdgeLink(cfg.device_slowdown, cfg.uplink_mbps, cfg.downlink_mbps)
+    updates = UpdateTracker()
     clock = [time.perf_counter()]
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         eval_start = time.perf_counter()
-        load_trainable_state(model, arrays.to_torch_state_dict())
-        scores = evaluate(model, test_loader, len(labels))
         traffic = wire.next_round()
+        # Aggregation: from the last reply to here (the strategy's aggregate_train runs between).
+        aggregation = eval_start - traffic.replies_at if traffic.replies_at else 0.0
+        load_trainable_state(model, arrays.to_torch_state_dict())
+        update = updates.observe(effective_weights(model))
+        scores = evaluate(model, test_loader, len(labels))
         now = time.perf_counter()
-        row = round_row(server_round, scores, traffic, now - clock[0], now - eval_start)
+        row = round_row(
+            server_round, scores, traffic, now - clock[0], now - eval_start, aggregation
+        )
+        row["edge_seconds"] = edge_round_seconds(row, link)
+        row.update(update)
         if server_round > 0:  # svd-avg reports how far its and FedAvg's aggregates are from exact
             row.update(getattr(strategy, "last_aggregation_errors", {}))
         rows.append(row)
@@ -184,7 +204,11 @@ def run_server(grid: Grid, context: Context) -> None:
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "failures_total": sum(r["failures"] for r in rows),
+            "learning_rate": cfg.learning_rate,
             "svd_seconds": svd_seconds,
+            "edge_seconds_total": sum(r["edge_seconds"] for r in rows),
+            "target_accuracy": cfg.target_accuracy,
+            **(time_to_target(rows, cfg.target_accuracy, link) or dict.fromkeys(TARGET_FIELDS)),
             "wall_seconds": time.perf_counter() - started,
             "run_dir": str(run_dir.path),
         }

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -101,19 +100,33 @@ def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
 
 
 def _stop(process: subprocess.Popen | None) -> None:
-    """Stop a process we started, and the process group it leads (ServerApp, Ray)."""
+    """Stop a process we started and all its descendants (ServerApp, flwr-simulation, Ray).
+
+    Killing the process group is not enough: flower-superexec starts its own session, so
+    flwr-simulation and Ray's processes would outlive an interrupted run. They are collected
+    before anything is signalled, as they get re-parented once their parent dies.
+    """
+    import psutil
+
     if process is None or process.poll() is not None:
         return
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in family:
         try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for proc in alive:
         try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    process.poll()  # reap our direct child
 
 
 def _progress_line(row: dict[str, Any], rounds: int) -> str:

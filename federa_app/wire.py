@@ -6,6 +6,7 @@ sees every message of every strategy without touching the strategies themselves.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ class Traffic:
     bytes_up: int = 0
     reply_metrics: list[dict[str, float]] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)  # (node, reason)
+    # Per replying client: [ClientApp seconds, bytes it sent, bytes it was sent] (edge time model).
+    client_costs: list[list[float]] = field(default_factory=list)
+    replies_at: float | None = None  # when the last non-empty exchange returned (perf_counter)
 
 
 class WireRecorder(Grid):
@@ -79,20 +83,29 @@ class WireRecorder(Grid):
     ) -> Iterable[Message]:
         """Send (adding factors where a node lacks them), then count the replies."""
         outgoing = [self._with_factors(m) for m in messages]
+        sent: dict[int, int] = {}
         for message in outgoing:
-            self.traffic.bytes_down += content_bytes(message.content)
-            self._report("down", message.metadata.dst_node_id, message.content)
+            node, size = message.metadata.dst_node_id, content_bytes(message.content)
+            sent[node] = sent.get(node, 0) + size
+            self.traffic.bytes_down += size
+            self._report("down", node, message.content)
         replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
+        if outgoing:
+            self.traffic.replies_at = time.perf_counter()
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.traffic.failures.append((node, short_reason(reply.error.reason)))
                 continue
             self._nodes_with_factors.add(node)
-            self.traffic.bytes_up += content_bytes(reply.content)
+            size = content_bytes(reply.content)
+            self.traffic.bytes_up += size
             self._report("up", node, reply.content)
+            seconds = 0.0
             for metrics in reply.content.metric_records.values():
                 self.traffic.reply_metrics.append(dict(metrics))
+                seconds = float(metrics.get("client_seconds", seconds))
+            self.traffic.client_costs.append([seconds, size, sent.get(node, 0)])
         answered = {r.metadata.src_node_id for r in replies}
         for message in outgoing:
             if message.metadata.dst_node_id not in answered:

@@ -153,3 +153,36 @@ def test_a_round_without_results_fails_the_run_and_leaves_nothing_running(tmp_pa
     assert not (run_dir / "summary.json").exists()  # an unfinished run never looks complete
     assert [r["clients"] for r in read_metrics(run_dir)] == [0, 0]
     assert _no_children_left()
+
+
+def test_kill_stops_every_process_the_run_started(tmp_path, tiny_bert):
+    """`kill PID` on `federa simulate` (as on a stopped grid): nothing it started survives.
+
+    flower-superexec starts its own session, so killing process groups alone left
+    flwr-simulation and Ray behind; every descendant must go.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    csv = write_toy_csv(tmp_path / "toy.csv")
+    overrides = _overrides(tiny_bert, csv, **{"num-server-rounds": 50, "wire-log": False})
+    command = [sys.executable, "-m", "federa_app.cli", "simulate", "--num-clients", "2",
+               "--output-dir", str(tmp_path / "runs")]  # fmt: skip
+    for key, value in overrides.items():
+        command += ["--run-config", f"{key}={value}"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until round 1 ran: Ray and the clients are up
+            if line.startswith("round   1/"):
+                break
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert any("flwr-simulation" in " ".join(p.cmdline()) for p in family)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    time.sleep(1)
+    survivors = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert survivors == []

@@ -1,0 +1,250 @@
+"""`federa compare`: a grid of real Flower simulations and the paper-style tables and plots.
+
+A grid is methods x datasets x partitions (Dirichlet alphas or "iid") x seeds, with per-method
+learning rates (a list sweeps them). Each cell runs through `federa simulate`'s code path and
+writes a normal run directory named by the cell and a hash of its resolved config, so a re-run
+skips finished cells and a changed setting makes a new cell. Grids are TOML files; the presets
+live in simulation/presets/ (smoke, quick, paper, sweep).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federa_app.config import METHODS, parse_run_config
+from federa_app.edge import EdgeLink
+from federa_app.errors import ConfigError
+from federa_app.records import SUMMARY_FILE
+from federa_app.simulate import SimulationFailed, app_defaults, default_app_dir, simulate, validate
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+GRID_KEYS = ("methods", "datasets", "partitions", "seeds", "num-clients", "cpus-per-client")
+TABLES = ("grid", "run-config", "learning-rate", "target-accuracy")
+# Keys that change what is reported about a run, not the run: left out of the cell key.
+REPORTING_KEYS = (
+    "output-dir",
+    "run-name",
+    "wire-log",
+    "target-accuracy",
+    "device-slowdown",
+    "uplink-mbps",
+    "downlink-mbps",
+)
+# Keys the grid sets per cell; a [run-config] table may not set them too.
+CELL_KEYS = ("method", "dataset", "partitioner", "dirichlet-alpha", "seed", "learning-rate")
+
+Log = Callable[[str], object]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One simulation of the grid."""
+
+    method: str
+    dataset: str
+    partition: str  # "iid" or a Dirichlet alpha as text ("0.1")
+    seed: int
+    learning_rate: float
+    overrides: dict[str, Any] = field(hash=False)
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        dataset = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.dataset)[-30:]
+        part = "iid" if self.partition == "iid" else f"a{self.partition}"
+        return f"{self.method}-{dataset}-{part}-s{self.seed}-lr{self.learning_rate:g}-{self.key}"
+
+
+@dataclass
+class Grid:
+    """A parsed grid file: what to run and how to report it."""
+
+    name: str
+    methods: list[str]
+    datasets: list[str]
+    partitions: list[str]
+    seeds: list[int]
+    num_clients: int
+    cpus_per_client: int
+    run_config: dict[str, Any]
+    learning_rates: dict[str, list[float]]
+    targets: dict[str, float]
+
+    def link(self) -> EdgeLink:
+        """The edge model the report uses (the grid's run-config values, else the defaults)."""
+        cfg = parse_run_config(self.run_config)
+        return EdgeLink(cfg.device_slowdown, cfg.uplink_mbps, cfg.downlink_mbps)
+
+
+def partition_label(partition: str) -> str:
+    """How a partition setting reads in tables: "IID" or "alpha=0.1"."""
+    return "IID" if partition == "iid" else f"alpha={partition}"
+
+
+def grid_path(spec: str) -> Path:
+    """A preset name (smoke, quick, paper, sweep) or a path to a TOML grid file."""
+    preset = PRESETS_DIR / f"{spec}.toml"
+    if preset.is_file():
+        return preset
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    raise ConfigError(f"no grid {spec!r}: use a preset ({', '.join(names)}) or a TOML file path")
+
+
+def _list(table: dict, key: str, kind: type, where: str) -> list:
+    value = table.get(key)
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+        kind_name = getattr(kind, "__name__", "number")
+        raise ConfigError(f"{where} {key}={value!r} must be a non-empty list of {kind_name}")
+    return values
+
+
+def load_grid(spec: str) -> Grid:
+    """Parse and check a grid file; every error is one line naming the bad value."""
+    path = grid_path(spec)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"grid {path}: not valid TOML ({exc})") from None
+    for table in doc:
+        if table not in TABLES:
+            raise ConfigError(f"grid {path}: unknown table [{table}]; valid: {', '.join(TABLES)}")
+    grid = doc.get("grid", {})
+    for key in grid:
+        if key not in GRID_KEYS:
+            raise ConfigError(f"grid {path}: unknown [grid] key {key!r}; valid: {GRID_KEYS}")
+    where = f"grid {path} [grid]"
+    methods = _list(grid, "methods", str, where)
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"{where} method {method!r}; valid choices are {', '.join(METHODS)}")
+    partitions = []
+    for part in grid.get("partitions", [1.0]):
+        if part != "iid" and (isinstance(part, bool) or not isinstance(part, int | float)):
+            raise ConfigError(f'{where} partition {part!r}: use a Dirichlet alpha > 0 or "iid"')
+        if part != "iid" and part <= 0:
+            raise ConfigError(f'{where} partition {part!r}: use a Dirichlet alpha > 0 or "iid"')
+        partitions.append("iid" if part == "iid" else f"{float(part):g}")
+    run_config = doc.get("run-config", {})
+    for key in run_config:
+        if key in CELL_KEYS:
+            raise ConfigError(f"grid {path} [run-config] sets {key!r}: the grid sets it per cell")
+    parse_run_config(run_config)  # unknown keys and bad values fail here, before any run
+    rates: dict[str, list[float]] = {}
+    for method in doc.get("learning-rate", {}):
+        if method not in METHODS:
+            raise ConfigError(f"grid {path} [learning-rate] {method!r} is not a method: {METHODS}")
+        values = _list(doc["learning-rate"], method, float | int, f"grid {path} [learning-rate]")
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"grid {path} [learning-rate] {method}={values!r}: rates must be > 0")
+        rates[method] = [float(v) for v in values]
+    targets = {str(k): float(v) for k, v in doc.get("target-accuracy", {}).items()}
+    return Grid(
+        name=path.stem,
+        methods=methods,
+        datasets=_list(grid, "datasets", str, where),
+        partitions=partitions,
+        seeds=_list(grid, "seeds", int, where) if "seeds" in grid else [42],
+        num_clients=int(grid.get("num-clients", 10)),
+        cpus_per_client=int(grid.get("cpus-per-client", 1)),
+        run_config=run_config,
+        learning_rates=rates,
+        targets=targets,
+    )
+
+
+def cell_key(overrides: dict[str, Any], num_clients: int) -> str:
+    """A short hash of everything that decides a cell's result: its resolved config."""
+    resolved = parse_run_config({**app_defaults(default_app_dir()), **overrides}).to_dict()
+    for key in REPORTING_KEYS:
+        resolved.pop(key, None)
+    resolved["num-clients"] = num_clients
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def expand(grid: Grid) -> list[Cell]:
+    """Every cell of the grid, in a stable order (method-major, so a stop leaves whole methods)."""
+    cells = []
+    combos = itertools.product(grid.methods, grid.datasets, grid.partitions, grid.seeds)
+    for method, dataset, part, seed in combos:
+        rates = grid.learning_rates.get(method) or [
+            parse_run_config({"method": method}).learning_rate
+        ]
+        for lr in rates:
+            overrides = {
+                **grid.run_config,
+                "method": method,
+                "dataset": dataset,
+                "seed": seed,
+                "learning-rate": lr,
+                "target-accuracy": grid.targets.get(dataset, 0.0),
+            }
+            if part == "iid":
+                overrides["partitioner"] = "iid"
+            else:
+                overrides.update({"partitioner": "dirichlet", "dirichlet-alpha": float(part)})
+            key = cell_key(overrides, grid.num_clients)
+            cells.append(Cell(method, dataset, part, seed, lr, overrides, key))
+    return cells
+
+
+def is_finished(out_dir: Path, cell: Cell) -> bool:
+    """A cell is finished when its run directory holds summary.json (written last)."""
+    return (out_dir / "runs" / cell.name / SUMMARY_FILE).is_file()
+
+
+def check_cells(grid: Grid, cells: list[Cell]) -> None:
+    """Everything checkable before the first simulation: data, model, partitions, node counts."""
+    seen = set()
+    for cell in cells:
+        what = (cell.dataset, cell.partition, cell.seed, cell.method)
+        if what in seen:
+            continue
+        seen.add(what)
+        cfg = parse_run_config({**app_defaults(default_app_dir()), **cell.overrides})
+        validate(cfg, grid.num_clients)
+
+
+def run_grid(grid: Grid, out_dir: Path, log: Log = print) -> list[tuple[Cell, str]]:
+    """Run every unfinished cell; returns the failed cells with their reasons."""
+    out_dir = Path(out_dir).resolve()
+    cells = expand(grid)
+    todo = [c for c in cells if not is_finished(out_dir, c)]
+    log(f"federa compare: grid {grid.name}, {len(cells)} cells, {len(cells) - len(todo)} finished")
+    check_cells(grid, todo)
+    runs = out_dir / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    (out_dir / "grid.json").write_text(json.dumps(grid.__dict__, indent=2) + "\n")
+    failures = []
+    for i, cell in enumerate(todo, 1):
+        run_dir = runs / cell.name
+        if run_dir.exists():  # a cell stopped part-way: its partial run is of no use
+            log(f"  removing unfinished {run_dir.name}")
+            shutil.rmtree(run_dir)
+        log(f"[{i}/{len(todo)}] {cell.name}")
+        started = time.perf_counter()
+        overrides = {**cell.overrides, "run-name": cell.name}
+        try:
+            simulate(grid.num_clients, overrides, runs, None, grid.cpus_per_client, _indent(log))
+        except SimulationFailed as exc:
+            log(f"  FAILED: {exc}")
+            failures.append((cell, str(exc)))
+            continue
+        log(f"  done in {time.perf_counter() - started:.0f} s")
+    return failures
+
+
+def _indent(log: Log) -> Log:
+    return lambda line: log(f"  {line}")
