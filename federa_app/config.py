@@ -34,11 +34,12 @@ LR_SCHEDULES = ("constant", "linear")
 PARTITIONER_HELP = "dirichlet, iid, pathological, column:NAME"
 
 # `learning-rate = ""` picks the method's own rate. PEFT methods and full fine-tuning want very
-# different rates (FedPETuning swept 5e-5..1e-2 per method); these come from the sweep in
-# simulation/presets/sweep.toml on the default data (README, "Learning rates").
+# different rates (FedPETuning swept 5e-5..1e-2 per method). These are the winners of the sweep
+# in simulation/presets/sweep.toml on the default data (README, "Learning rates"); ffa-lora and
+# federa-ffa were not swept yet and take their unfrozen counterparts' rate.
 METHOD_LEARNING_RATES = {
-    "federa": 0.002,
-    "lora": 0.002,
+    "federa": 0.005,
+    "lora": 0.005,
     "fft": 0.0001,
     "bitfit": 0.002,
     "adapter": 0.002,

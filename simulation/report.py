@@ -60,18 +60,24 @@ def late_accuracy(rows: list[dict[str, Any]]) -> float:
     return mean(r["accuracy"] for r in rows if r["round"] > last / 2)
 
 
-def _by_learning_rate(records: list[dict[str, Any]]) -> dict[tuple, dict[float, list[float]]]:
-    """Late accuracies per (method, dataset, partition) and learning rate, one per seed."""
-    by_lr: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def _by_learning_rate(records: list[dict[str, Any]]) -> dict[tuple, dict[float, list[tuple]]]:
+    """Per (method, dataset, partition) and learning rate, one (late accuracy, -final loss) per
+    seed: accuracy decides, the server-side loss breaks ties (e.g. all stuck at the majority)."""
+    by_lr: dict[tuple, dict[float, list[tuple]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        by_lr[_group(r["cell"])][r["cell"].learning_rate].append(late_accuracy(r["rows"]))
+        score = (late_accuracy(r["rows"]), -r["rows"][-1]["loss"])
+        by_lr[_group(r["cell"])][r["cell"].learning_rate].append(score)
     return by_lr
+
+
+def _best_rate(lrs: dict[float, list[tuple]]) -> float:
+    return max(lrs, key=lambda lr: (mean(s[0] for s in lrs[lr]), mean(s[1] for s in lrs[lr])))
 
 
 def _mark_chosen(records: list[dict[str, Any]]) -> None:
     """Per (method, dataset, partition): the learning rate with the best mean late accuracy."""
     by_lr = _by_learning_rate(records)
-    best = {g: max(lrs, key=lambda lr: mean(lrs[lr])) for g, lrs in by_lr.items()}
+    best = {g: _best_rate(lrs) for g, lrs in by_lr.items()}
     for r in records:
         r["chosen"] = r["cell"].learning_rate == best[_group(r["cell"])]
 
@@ -198,13 +204,14 @@ def sweep_table(records: list[dict[str, Any]]) -> list[str]:
     if not swept:
         return []
     lines = [
-        "| method | dataset | partition | learning rate: late accuracy |",
+        "| method | dataset | partition | learning rate: late accuracy (final loss) |",
         "|---|---|---|---|",
     ]
     for (m, d, p), lrs in sorted(swept.items()):
-        best = max(lrs, key=lambda lr: mean(lrs[lr]))
+        best = _best_rate(lrs)
         parts = [
-            f"{'**' if lr == best else ''}{lr:g}: {mean(v):.4f}{'**' if lr == best else ''}"
+            f"{'**' if lr == best else ''}{lr:g}: {mean(a for a, _ in v):.4f} "
+            f"({-mean(loss for _, loss in v):.3f}){'**' if lr == best else ''}"
             for lr, v in sorted(lrs.items())
         ]
         lines.append(f"| {m} | {d} | {partition_label(p)} | " + ", ".join(parts) + " |")
@@ -247,8 +254,8 @@ def write_markdown(grid: Grid, records: list[dict[str, Any]], path: Path, note: 
         lines += [
             "## Learning-rate sweep",
             "",
-            "Late accuracy: mean over the later half of the rounds (and over seeds); the chosen "
-            "rate, the one reported above, in bold.",
+            "Late accuracy: mean over the later half of the rounds (and over seeds); ties go to "
+            "the lower final server-side loss. The chosen rate, the one reported above, in bold.",
             "",
             *sweep,
             "",

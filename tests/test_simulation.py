@@ -14,7 +14,7 @@ import torch
 from conftest import write_toy_csv
 from flwr.app import ArrayRecord
 
-from federa_app.config import parse_run_config
+from federa_app.config import parse_run_config, to_flwr_overrides
 from federa_app.models import build_model, initial_factors, load_saved_model, trainable_state
 from federa_app.records import read_metrics
 from federa_app.simulate import SimulationFailed, simulate
@@ -169,9 +169,8 @@ def test_kill_stops_every_process_the_run_started(tmp_path, tiny_bert):
     csv = write_toy_csv(tmp_path / "toy.csv")
     overrides = _overrides(tiny_bert, csv, **{"num-server-rounds": 50, "wire-log": False})
     command = [sys.executable, "-m", "federa_app.cli", "simulate", "--num-clients", "2",
-               "--output-dir", str(tmp_path / "runs")]  # fmt: skip
-    for key, value in overrides.items():
-        command += ["--run-config", f"{key}={value}"]
+               "--output-dir", str(tmp_path / "runs"),
+               "--run-config", to_flwr_overrides(overrides)]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:  # wait until round 1 ran: Ray and the clients are up
