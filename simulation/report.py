@@ -226,7 +226,7 @@ def write_markdown(grid: Grid, records: list[dict[str, Any]], path: Path, note: 
     lines = [
         f"# Grid `{grid.name}`: {len(records)} finished cells",
         "",
-        note,
+        *([note, ""] if note else []),
         f"{grid.num_clients} clients; server-side accuracy on the held-out test split; "
         f"{'mean ± std over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}; each "
         "method at its chosen learning rate.",
