@@ -302,6 +302,7 @@ def plot_setting(grid: Grid, chosen: list[dict[str, Any]], d: str, p: str, out: 
         if target > 0:
             ax.axhline(target, color="grey", ls="--", lw=1)
     axes[2].set_xscale("symlog", linthresh=1.0)
+    axes[2].set_xlim(left=0)
     axes[0].set_ylabel("server-side test accuracy")
     axes[0].legend()
     fig.suptitle(f"{d}, {partition_label(p)} ({grid.num_clients} clients; dashed: target)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from federa_app.config import METHOD_LEARNING_RATES
 from federa_app.errors import ConfigError
 from federa_app.records import SUMMARY_FILE
 from simulation.compare import expand, is_finished, load_grid, run_grid
@@ -188,7 +189,12 @@ def test_skip_finished_and_report_arithmetic(tmp_path: Path) -> None:
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     chosen = {(r["method"], r["learning_rate"]) for r in rows if r["chosen"] == "True"}
-    assert chosen == {("federa", "0.002"), ("bitfit", "0.01"), ("fft", "0.0001")}
+    defaults = METHOD_LEARNING_RATES
+    assert chosen == {
+        ("federa", str(defaults["federa"])),
+        ("bitfit", "0.01"),
+        ("fft", str(defaults["fft"])),
+    }
 
 
 @pytest.mark.parametrize(

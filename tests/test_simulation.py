@@ -173,8 +173,8 @@ def test_kill_stops_every_process_the_run_started(tmp_path, tiny_bert):
                "--run-config", to_flwr_overrides(overrides)]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for line in proc.stdout:  # wait until round 1 ran: Ray and the clients are up
-            if line.startswith("round   1/"):
+        for line in proc.stdout:  # wait until the ServerApp evaluated: Ray is up
+            if line.startswith("round   0/"):
                 break
         family = psutil.Process(proc.pid).children(recursive=True)
         assert any("flwr-simulation" in " ".join(p.cmdline()) for p in family)
