@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federa_app.config import METHODS, parse_run_config
+from federa_app.config import METHOD_LEARNING_RATES, METHODS, parse_run_config
 from federa_app.edge import EdgeLink
 from federa_app.errors import ConfigError
 from federa_app.records import SUMMARY_FILE
@@ -179,9 +179,7 @@ def expand(grid: Grid) -> list[Cell]:
     cells = []
     combos = itertools.product(grid.methods, grid.datasets, grid.partitions, grid.seeds)
     for method, dataset, part, seed in combos:
-        rates = grid.learning_rates.get(method) or [
-            parse_run_config({"method": method}).learning_rate
-        ]
+        rates = grid.learning_rates.get(method) or [METHOD_LEARNING_RATES[method]]
         for lr in rates:
             overrides = {
                 **grid.run_config,

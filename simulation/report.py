@@ -120,15 +120,25 @@ def _settings(grid: Grid) -> list[tuple[str, str]]:
     return [(d, p) for d in grid.datasets for p in grid.partitions]
 
 
+def _runs_by_method(
+    grid: Grid, chosen: list[dict[str, Any]], d: str, p: str
+) -> dict[str, list[dict[str, Any]]]:
+    """One setting's chosen runs (one per seed), per method in grid order; methods without any
+    finished run are left out."""
+    runs = {m: [r for r in chosen if _group(r["cell"]) == (m, d, p)] for m in grid.methods}
+    return {m: rs for m, rs in runs.items() if rs}
+
+
 def accuracy_table(grid: Grid, chosen: list[dict[str, Any]]) -> list[str]:
     """Final (and best) server-side test accuracy, method x (dataset, partition)."""
     settings = _settings(grid)
     head = "| method | " + " | ".join(f"{d} {partition_label(p)}" for d, p in settings) + " |"
     lines = [head, "|---" * (len(settings) + 1) + "|"]
+    by_setting = {(d, p): _runs_by_method(grid, chosen, d, p) for d, p in settings}
     for method in grid.methods:
         cells = []
         for d, p in settings:
-            rs = [r for r in chosen if _group(r["cell"]) == (method, d, p)]
+            rs = by_setting[d, p].get(method)
             if not rs:
                 cells.append("—")
                 continue
@@ -162,16 +172,10 @@ def target_table(grid: Grid, chosen: list[dict[str, Any]], d: str, p: str) -> li
         "| vs fastest PEFT baseline |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    times = {}
-    for method in grid.methods:
-        rs = [r for r in chosen if _group(r["cell"]) == (method, d, p)]
-        if rs:
-            times[method] = _edge_time_or_bound(rs, link)
+    runs = _runs_by_method(grid, chosen, d, p)
+    times = {method: _edge_time_or_bound(rs, link) for method, rs in runs.items()}
     baselines = {m: t for m, t in times.items() if m in PEFT_BASELINES}
-    for method in grid.methods:
-        rs = [r for r in chosen if _group(r["cell"]) == (method, d, p)]
-        if not rs:
-            continue
+    for method, rs in runs.items():
         hits = [r["reached"] for r in rs if r["reached"]]
         reached = f"{len(hits)}/{len(rs)}"
         if len(hits) < len(rs):
@@ -280,10 +284,7 @@ def plot_setting(grid: Grid, chosen: list[dict[str, Any]], d: str, p: str, out: 
 
     link = grid.link()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    for method in grid.methods:
-        rs = [r for r in chosen if _group(r["cell"]) == (method, d, p)]
-        if not rs:
-            continue
+    for method, rs in _runs_by_method(grid, chosen, d, p).items():
         acc = _mean_curve(rs, lambda rows, i: rows[i]["accuracy"])
         rounds = _mean_curve(rs, lambda rows, i: rows[i]["round"])
         edge_min = _mean_curve(
@@ -319,10 +320,7 @@ def plot_updates(grid: Grid, chosen: list[dict[str, Any]], d: str, p: str, out: 
     import matplotlib.pyplot as plt
 
     fig, (ax_norm, ax_cos) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in grid.methods:
-        rs = [r for r in chosen if _group(r["cell"]) == (method, d, p)]
-        if not rs:
-            continue
+    for method, rs in _runs_by_method(grid, chosen, d, p).items():
         rows = rs[0]["rows"]  # first seed: updates of different seeds do not average meaningfully
         norm = [(r["round"], r["update_norm"]) for r in rows if r.get("update_norm") is not None]
         cos = [(r["round"], r["update_cosine"]) for r in rows if r.get("update_cosine") is not None]
