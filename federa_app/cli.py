@@ -32,6 +32,38 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir}")
 
 
+def _deploy(args: argparse.Namespace) -> None:
+    from federa_app.config import parse_overrides
+    from federa_app.deploy import deploy_local
+    from federa_app.simulate import result_table
+
+    run_dir = deploy_local(
+        nodes=args.nodes,
+        overrides=parse_overrides(" ".join(args.run_config)),
+        output_dir=args.output_dir,
+        app_dir=args.app,
+        tls=args.tls,
+        isolation=args.isolation,
+        node_data=args.node_data,
+    )
+    print(result_table(run_dir))
+    print(f"run directory: {run_dir}")
+
+
+def _certs(args: argparse.Namespace) -> None:
+    from federa_app.certs import make_credentials
+
+    sans = tuple(args.san) or ("localhost", "127.0.0.1", "::1")
+    creds = make_credentials(args.directory, args.nodes, sans, args.days, args.overwrite)
+    print(f"CA certificate          {creds.ca_cert}  (give to every SuperNode and flwr user)")
+    print(f"SuperLink certificate   {creds.server_cert}, key {creds.server_key}")
+    print(f"  valid for             {', '.join(sans)}")
+    for index, key in enumerate(creds.node_keys, 1):
+        print(f"supernode-{index} key pair   {key}, {creds.node_public_key(index)}")
+    print("keep ca.key, server.key and supernode-*.key secret; register each node with")
+    print("  flwr supernode register supernode-N.pub <connection>")
+
+
 def _compare(args: argparse.Namespace) -> None:
     from simulation.compare import expand, is_finished, load_grid, run_grid
     from simulation.report import write_report
@@ -46,10 +78,10 @@ def _compare(args: argparse.Namespace) -> None:
     print(write_report(grid, out_dir, args.note))
     print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'} and plots")
     if failures:
-        from federa_app.simulate import SimulationFailed
+        from federa_app.runtime import RunFailed
 
         names = ", ".join(cell.name for cell, _ in failures)
-        raise SimulationFailed(f"{len(failures)} cell(s) failed: {names} (re-run to retry them)")
+        raise RunFailed(f"{len(failures)} cell(s) failed: {names} (re-run to retry them)")
 
 
 def _quiet_transformers() -> None:
@@ -128,6 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
     sim.set_defaults(func=_simulate)
 
+    dep = sub.add_parser("deploy", help="run on a real SuperLink + SuperNodes (loopback)")
+    dep.add_argument("where", choices=["local"], help="local: every process on this machine")
+    dep.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (3)")
+    dep.add_argument("--tls", action="store_true", help="TLS and node authentication")
+    dep.add_argument(
+        "--isolation", default="subprocess", help="subprocess (default) or process (SuperExecs)"
+    )
+    dep.add_argument(
+        "--node-data", action="append", default=[], metavar="SPEC",
+        help="a node's own data (csv:PATH, json:PATH or a dataset name), once per node",
+    )  # fmt: skip
+    dep.add_argument("--run-config", action="append", default=[], metavar='"k=v ..."')
+    dep.add_argument("--output-dir", default="runs", help="parent of the run directory (runs)")
+    dep.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
+    dep.set_defaults(func=_deploy)
+
+    certs = sub.add_parser("certs", help="make a CA, SuperLink certificate and node key pairs")
+    certs.add_argument("directory", help="where to write them (created)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs (2)")
+    certs.add_argument(
+        "--san", action="append", default=[], metavar="HOST",
+        help="the SuperLink's IP or DNS name, repeatable (localhost, 127.0.0.1, ::1)",
+    )  # fmt: skip
+    certs.add_argument("--days", type=int, default=365, help="validity in days (365)")
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+    certs.set_defaults(func=_certs)
+
     comp = sub.add_parser("compare", help="run a grid of simulations; tables and plots")
     comp.add_argument("grid", help="preset (smoke, quick, sweep, paper) or a TOML grid file")
     comp.add_argument("--output-dir", default=None, help="grid directory (results/GRID-NAME)")
@@ -156,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FederaError as exc:
-        from federa_app.simulate import SimulationFailed
+        from federa_app.runtime import RunFailed
 
         print(f"federa: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, SimulationFailed) else 2
+        return 1 if isinstance(exc, RunFailed) else 2
     except KeyboardInterrupt:
         print("federa: interrupted", file=sys.stderr)
         return 130

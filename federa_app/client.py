@@ -7,7 +7,7 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from federa_app import data
-from federa_app.config import parse_run_config
+from federa_app.config import RunConfig, parse_run_config
 from federa_app.models import (
     build_model,
     load_tokenizer,
@@ -31,43 +31,42 @@ def initial_factors_for(msg: Message, context: Context) -> dict:
     return context.state[INIT_FACTORS_KEY].to_torch_state_dict()
 
 
+def server_labels(msg: Message, cfg: RunConfig) -> tuple[str, ...]:
+    """The server's label names from the train config; from the run's dataset if it sent none."""
+    sent = msg.content["config"].get(data.LABELS_KEY)
+    if sent is not None:
+        return tuple(str(name) for name in sent)
+    return tuple(data.load_labelled(cfg.dataset)[1])
+
+
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train the received global tensors on this node's partition; reply with the new tensors."""
+    """Train the received global tensors on this node's data; reply with the new tensors."""
     started = time.perf_counter()
     cfg = parse_run_config(context.run_config)
     threads = set_threads(cfg)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    partition_id = data.node_partition_id(context.node_config)  # -1: the node's own file
     server_round = int(msg.content["config"].get("server-round", 0))
 
     model_ref = resolve_model(cfg.model)
-    train, _, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
-    partition = data.client_partition(
-        train,
-        cfg.partitioner,
-        num_partitions,
-        partition_id,
-        cfg.seed,
-        cfg.dirichlet_alpha,
-        cfg.classes_per_client,
-    )
+    labels = server_labels(msg, cfg)
+    rows = data.node_train_data(context.node_config, cfg, labels)
     factors = initial_factors_for(msg, context) if cfg.uses_svd_init else None
     model = build_model(cfg, model_ref, labels, factors)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
 
     loader = data.make_loader(
-        partition,
+        rows,
         load_tokenizer(model_ref),
         cfg.batch_size,
         cfg.max_length,
         shuffle=True,
-        seed=cfg.seed * 100_003 + server_round * 1_009 + partition_id,
+        seed=cfg.seed * 100_003 + server_round * 1_009 + max(partition_id, 0),
     )
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     stats = train_locally(model, loader, cfg, proximal_mu=proximal_mu)
     metrics = MetricRecord(
         {
-            "num-examples": len(partition),
+            "num-examples": len(rows),
             "train_loss": stats["train_loss"],
             "train_seconds": stats["train_seconds"],
             "client_seconds": time.perf_counter() - started,

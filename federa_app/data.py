@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from federa_app.assets import DATASET_ASSETS, asset_path
+from federa_app.config import RunConfig
 from federa_app.errors import AssetError, ConfigError, DataError
 
 DATASET_CHOICES: tuple[str, ...] = (*DATASET_ASSETS, "csv:PATH", "json:PATH", "hf:NAME[:CONFIG]")
@@ -371,6 +374,114 @@ def client_partition(
     partitions = _partitions(train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
     _check_not_empty([len(partition) for partition in partitions], [partition_id], spec)
     return partitions[partition_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# A node's training data
+
+# Train-config key under which the server sends its label names (ids are indices into the list).
+LABELS_KEY = "labels"
+NODE_DATA_CHOICES: tuple[str, ...] = ("csv:PATH", "json:PATH", *DATASET_ASSETS, "hf:NAME[:CONFIG]")
+
+
+def node_train_data(
+    node_config: Mapping[str, Any], cfg: RunConfig, labels: Sequence[str]
+) -> Dataset:
+    """This node's training rows, label ids re-numbered by name into the server's `labels`.
+
+    Node-config `data` picks them: `csv:PATH`/`json:PATH` is the node's own whole file; another
+    dataset spec is partition `partition-id` of `num-partitions` of that dataset's train split.
+    Without `data`, the node takes its partition of the run's dataset (as in simulation).
+    """
+    spec = node_config.get("data")
+    if spec is None:
+        where = f"run-config dataset={cfg.dataset!r} (no node-config data)"
+        rows, names = _node_partition(node_config, cfg, cfg.dataset, where)
+        return to_server_labels(rows, names, labels, cfg.dataset)
+    where = f"node-config data={spec!r}"
+    kind, _, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind in ("csv", "json") and path:
+        if not Path(path).is_file():
+            raise ConfigError(f"{where}: no such file {path}")
+        rows, names = load_labelled(spec)
+    elif spec in DATASET_ASSETS or (kind == "hf" and path.partition(":")[0]):
+        rows, names = _node_partition(node_config, cfg, spec, where)
+    else:
+        raise ConfigError(
+            f"{where} is not a dataset; choose one of: {', '.join(NODE_DATA_CHOICES)}"
+        )
+    return to_server_labels(rows, names, labels, spec)
+
+
+def node_partition_id(node_config: Mapping[str, Any]) -> int:
+    """The node-config `partition-id` as an int, or -1 when the node has none (its own data)."""
+    return _node_int(node_config, "partition-id") if "partition-id" in node_config else -1
+
+
+def _node_int(node_config: Mapping[str, Any], key: str) -> int:
+    """A node-config integer (TOML gives ints; a quoted "3" is accepted too); else ConfigError."""
+    value = node_config[key]
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"node-config {key}={value!r} must be an integer")
+    return value
+
+
+def _node_partition(
+    node_config: Mapping[str, Any], cfg: RunConfig, name: str, where: str
+) -> tuple[Dataset, list[str]]:
+    """Partition `partition-id` of `num-partitions` of a dataset's train split, with its names."""
+    missing = [key for key in ("partition-id", "num-partitions") if key not in node_config]
+    if missing:
+        raise ConfigError(
+            f"{where} needs node-config {' and '.join(missing)} (e.g. --node-config "
+            f'"partition-id=0 num-partitions=2"), or data="csv:PATH" for a node\'s own file'
+        )
+    partition_id = _node_int(node_config, "partition-id")
+    num_partitions = _node_int(node_config, "num-partitions")
+    train, _, names = load_task(name, cfg.test_fraction, cfg.seed)
+    rows = client_partition(
+        train,
+        cfg.partitioner,
+        num_partitions,
+        partition_id,
+        cfg.seed,
+        cfg.dirichlet_alpha,
+        cfg.classes_per_client,
+    )
+    return rows, list(names)
+
+
+def to_server_labels(
+    ds: Dataset, names: Sequence[str], labels: Sequence[str], source: str
+) -> Dataset:
+    """Re-number label ids from indices into `names` to indices into `labels`, matching by name.
+
+    Names are compared as strings, so integer labels ("2" < "10", sorted as numbers) and the same
+    integers written as strings ("10" < "2") both land on the server's ids.
+    """
+    if list(names) == list(labels):
+        return ds
+    server_id = {name: i for i, name in enumerate(labels)}
+    present = [names[i] for i in sorted(set(ds["label"]))]
+    unknown = [name for name in present if name not in server_id]
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise DataError(
+            f"data '{source}' has label(s) {shown}{more} that the server does not know; "
+            f"the server's labels are: {', '.join(labels)}"
+        )
+    new_id = [server_id.get(name, -1) for name in names]  # -1: a name no row uses
+    features = ds.features.copy()
+    features["label"] = ClassLabel(names=list(labels))
+    return ds.map(
+        lambda batch: {"label": [new_id[i] for i in batch["label"]]},
+        batched=True,
+        features=features,
+        keep_in_memory=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def round_row(
         "bytes_down": traffic.bytes_down,
         "clients": len(replies),
         "failures": len(traffic.failures),
+        "failed_nodes": [[node, reason] for node, reason in traffic.failures],
         "client_seconds_max": max(client_seconds, default=0.0),
         "client_seconds_sum": sum(client_seconds),
         "round_seconds": seconds,
@@ -72,6 +73,11 @@ def round_row(
         "aggregation_seconds": aggregation_seconds,
         "client_costs": traffic.client_costs,
     }
+
+
+def make_train_config(labels: tuple[str, ...] | list[str]) -> ConfigRecord:
+    """The train config every node gets: the label names, so a node's own data maps onto ids."""
+    return ConfigRecord({data.LABELS_KEY: [str(name) for name in labels]})
 
 
 def run_server(grid: Grid, context: Context) -> None:
@@ -174,7 +180,7 @@ def run_server(grid: Grid, context: Context) -> None:
         grid=wire,
         initial_arrays=ArrayRecord(trainable_state(model)),
         num_rounds=cfg.num_server_rounds,
-        train_config=ConfigRecord({}),
+        train_config=make_train_config(labels),
         evaluate_fn=evaluate_round,
     )
 

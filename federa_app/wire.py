@@ -92,8 +92,13 @@ class WireRecorder(Grid):
         replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
         if outgoing:
             self.traffic.replies_at = time.perf_counter()
+        # The SuperLink answers for a node that went silent (src = the SuperLink itself): the
+        # node a reply is about is the destination of the message it replies to.
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing}
+        answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
             if reply.has_error():
                 self.traffic.failures.append((node, short_reason(reply.error.reason)))
                 continue
@@ -106,7 +111,6 @@ class WireRecorder(Grid):
                 self.traffic.reply_metrics.append(dict(metrics))
                 seconds = float(metrics.get("client_seconds", seconds))
             self.traffic.client_costs.append([seconds, size, sent.get(node, 0)])
-        answered = {r.metadata.src_node_id for r in replies}
         for message in outgoing:
             if message.metadata.dst_node_id not in answered:
                 self.traffic.failures.append((message.metadata.dst_node_id, "no reply (timeout)"))

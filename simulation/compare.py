@@ -24,7 +24,8 @@ from federa_app.config import METHOD_LEARNING_RATES, METHODS, parse_run_config
 from federa_app.edge import EdgeLink
 from federa_app.errors import ConfigError
 from federa_app.records import SUMMARY_FILE
-from federa_app.simulate import SimulationFailed, app_defaults, default_app_dir, simulate, validate
+from federa_app.runtime import RunFailed
+from federa_app.simulate import app_defaults, default_app_dir, simulate, validate
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 GRID_KEYS = ("methods", "datasets", "partitions", "seeds", "num-clients", "cpus-per-client")
@@ -236,7 +237,7 @@ def run_grid(grid: Grid, out_dir: Path, log: Log = print) -> list[tuple[Cell, st
         overrides = {**cell.overrides, "run-name": cell.name}
         try:
             simulate(grid.num_clients, overrides, runs, None, grid.cpus_per_client, _indent(log))
-        except SimulationFailed as exc:
+        except RunFailed as exc:
             log(f"  FAILED: {exc}")
             failures.append((cell, str(exc)))
             continue

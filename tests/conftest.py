@@ -7,6 +7,7 @@ import os
 # The hub is unreachable here: say so up front instead of letting each lookup time out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import json  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -15,6 +16,32 @@ import torch  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizer
+
+RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "adapter", "accuracy.png"}
+METRIC_FIELDS = {
+    "round", "accuracy", "macro_f1", "loss", "train_loss", "bytes_up", "bytes_down", "clients",
+    "client_seconds_max", "client_seconds_sum", "round_seconds",
+}  # fmt: skip
+SUMMARY_FIELDS = {
+    "method", "model", "dataset", "strategy", "rounds", "final_accuracy", "best_accuracy",
+    "trainable_params", "total_params", "bytes_up_total", "bytes_down_total", "wall_seconds",
+}  # fmt: skip
+
+
+def check_run_directory(run_dir: Path, rounds: int) -> tuple[list[dict], dict]:
+    """Assert DESIGN.md's run-directory contract; return the metrics rows and the summary."""
+    assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    assert all(METRIC_FIELDS <= set(r) for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["rounds"] == rounds and summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+    assert summary["bytes_down_total"] == sum(r["bytes_down"] for r in rows)
+    assert any((run_dir / "adapter").glob("*.safetensors"))  # the final model, saved
+    return rows, summary
+
 
 WORDS = (
     "good great fine superb lovely fun bad awful boring dull poor sad the a movie film plot "
