@@ -49,7 +49,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     model_ref = resolve_model(cfg.model)
     labels = server_labels(msg, cfg)
-    rows = data.node_train_data(context.node_config, cfg, labels)
+    rows = data.cached_node_train_data(context.node_config, cfg, labels)
     factors = initial_factors_for(msg, context) if cfg.uses_svd_init else None
     model = build_model(cfg, model_ref, labels, factors)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())

@@ -8,27 +8,23 @@ partitioners, seeded, so every node and process derives the same client data on 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import re
-import warnings
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pandas as pd
 import torch
 from datasets import ClassLabel, Dataset, Value
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from federa_app.assets import DATASET_ASSETS, asset_path
+from federa_app.assets import DATASET_ASSETS, asset_path, federa_home
 from federa_app.config import RunConfig
 from federa_app.errors import AssetError, ConfigError, DataError
 
@@ -210,80 +206,6 @@ def load_task(
     return train, test, tuple(labels)
 
 
-class ColumnGroupPartitioner(Partitioner):
-    """Each of exactly `num_partitions` clients holds whole groups of one column's values.
-
-    Hand-written because flwr-datasets' NaturalIdPartitioner makes one partition per value and
-    GroupedNaturalIdPartitioner a fixed number of values per partition, so neither can be
-    asked for exactly N partitions.
-    """
-
-    def __init__(self, partition_by: str, num_partitions: int, seed: int) -> None:
-        super().__init__()
-        self._partition_by = partition_by
-        self._num_partitions = num_partitions
-        self._seed = seed
-        self._indices: list[np.ndarray] | None = None
-
-    @property
-    def num_partitions(self) -> int:
-        return self._num_partitions
-
-    def load_partition(self, partition_id: int) -> Dataset:
-        """Rows whose column value was dealt to this partition (values dealt once, seeded)."""
-        if self._indices is None:
-            column = self.dataset.select_columns(self._partition_by).to_pandas()[self._partition_by]
-            codes, values = pd.factorize(column, sort=True, use_na_sentinel=False)  # None: a value
-            if len(values) < self._num_partitions:
-                raise ValueError(
-                    f"column '{self._partition_by}' has only {len(values)} distinct values"
-                )
-            shuffled = np.random.default_rng(self._seed).permutation(len(values))
-            partition_of_value = np.empty(len(values), dtype=int)
-            for partition, chunk in enumerate(np.array_split(shuffled, self._num_partitions)):
-                partition_of_value[chunk] = partition
-            partition_of_row = partition_of_value[codes]
-            self._indices = [
-                np.flatnonzero(partition_of_row == p) for p in range(self._num_partitions)
-            ]
-        return self.dataset.select(self._indices[partition_id])
-
-
-def make_partitioner(
-    spec: str, num_partitions: int, seed: int, dirichlet_alpha: float, classes_per_client: int
-) -> Partitioner:
-    """A fresh flwr-datasets partitioner for a spec in PARTITIONER_CHOICES, not yet given data."""
-    if num_partitions < 1:
-        raise ConfigError(f"number of partitions {num_partitions} must be at least 1")
-    if spec == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if spec == "dirichlet":
-        if not dirichlet_alpha > 0:
-            raise ConfigError(f"dirichlet-alpha {dirichlet_alpha} must be greater than 0")
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=float(dirichlet_alpha),
-            min_partition_size=1,  # redraw (seeded, at most 10 times) while a client gets nothing
-            seed=seed,
-        )
-    if spec == "pathological":
-        if classes_per_client < 1:
-            raise ConfigError(f"classes-per-client {classes_per_client} must be at least 1")
-        return PathologicalPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic",  # every class used when N >= K
-            seed=seed,
-        )
-    if spec.startswith("column:") and spec.removeprefix("column:"):
-        return ColumnGroupPartitioner(spec.removeprefix("column:"), num_partitions, seed)
-    raise ConfigError(
-        f"unknown partitioner '{spec}'; choose one of: {', '.join(PARTITIONER_CHOICES)}"
-    )
-
-
 def _partitions(
     train: Dataset,
     spec: str,
@@ -297,31 +219,18 @@ def _partitions(
     key += (classes_per_client,)
     if key in _MEMO:
         return _MEMO[key]
-    column = spec.removeprefix("column:") if spec.startswith("column:") else "label"
-    partitioner = make_partitioner(spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
-    if column not in train.column_names:
-        raise DataError(
-            f"partitioner '{spec}': no column '{column}' in the training data "
-            f"(columns: {', '.join(train.column_names)})"
-        )
-    cannot_split = f"cannot split {len(train)} training rows into {num_partitions} partitions"
-    if len(train) < num_partitions:
-        raise DataError(f"partitioner '{spec}' {cannot_split}; use fewer clients")
-    # IidPartitioner takes contiguous shards, so rows are shuffled (seeded) for every partitioner.
-    partitioner.dataset = train.shuffle(seed=seed, keep_in_memory=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # flwr warns per Dirichlet redraw; we raise if all fail
-            partitions = [partitioner.load_partition(p) for p in range(num_partitions)]
-    except ValueError as error:
-        raise DataError(
-            f"partitioner '{spec}' {cannot_split} ({error}); {_advice(spec)}"
-        ) from error
+    # Imported here: flwr-datasets pulls in its plotting stack (seaborn, scipy: ~0.7 s), which a
+    # node whose prepared rows are cached on disk never needs.
+    from federa_app.partitioning import compute_partitions
+
+    partitions = compute_partitions(
+        train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client
+    )
     _memo_put(key, partitions)
     return partitions
 
 
-def _advice(spec: str) -> str:
+def partition_advice(spec: str) -> str:
     """What a user can change when partitions come out empty or impossible."""
     if spec == "dirichlet":
         return "use a larger dirichlet-alpha or fewer clients"
@@ -340,7 +249,7 @@ def _check_not_empty(sizes: list[int], partition_ids: list[int], spec: str) -> N
         if sizes[partition_id] == 0:
             raise DataError(
                 f"partition {partition_id} of {len(sizes)} is empty (partitioner '{spec}', "
-                f"{sum(sizes)} training rows); {_advice(spec)}"
+                f"{sum(sizes)} training rows); {partition_advice(spec)}"
             )
 
 
@@ -411,6 +320,62 @@ def node_train_data(
             f"{where} is not a dataset; choose one of: {', '.join(NODE_DATA_CHOICES)}"
         )
     return to_server_labels(rows, names, labels, spec)
+
+
+NODE_CACHE_ENV = "FEDERA_NODE_CACHE"  # where nodes keep their prepared rows; "off" disables
+
+
+def node_cache_dir() -> Path | None:
+    """$FEDERA_NODE_CACHE, else $FEDERA_HOME/node-data; None when set to "off"."""
+    value = os.environ.get(NODE_CACHE_ENV, "")
+    if value.lower() == "off":
+        return None
+    return Path(value).expanduser() if value else federa_home() / "node-data"
+
+
+def _source_stamp(spec: str) -> list:
+    """What identifies a dataset spec's content: a file's path, size and mtime; else the name."""
+    kind, _, path = spec.partition(":")
+    if kind in ("csv", "json") and path:
+        file = Path(path)
+    elif spec in DATASET_ASSETS:
+        file = asset_path(spec)
+    else:
+        return [spec]
+    stat = file.stat()
+    return [spec, str(file.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def cached_node_train_data(
+    node_config: Mapping[str, Any], cfg: RunConfig, labels: Sequence[str]
+) -> Dataset:
+    """`node_train_data`, kept on the node's disk between messages.
+
+    Flower 1.42 starts a fresh ClientApp process for every message, so in-memory caches never
+    survive a round; re-reading, encoding and partitioning costs ~2 s per message on a 2-core
+    machine, loading the saved Arrow table (datasets' save_to_disk) a few tens of ms. The key
+    covers every input of the rows: node config, file size/mtime, split and partition settings.
+    """
+    cache = node_cache_dir()
+    if cache is None:
+        return node_train_data(node_config, cfg, labels)
+    spec = node_config.get("data") or cfg.dataset
+    settings = [cfg.test_fraction, cfg.seed, cfg.partitioner, cfg.dirichlet_alpha]
+    settings.append(cfg.classes_per_client)
+    key_source = [sorted(node_config.items()), _source_stamp(str(spec)), settings, list(labels)]
+    key = hashlib.sha256(json.dumps(key_source, default=str).encode()).hexdigest()[:20]
+    path = cache / key
+    if path.is_dir():
+        return Dataset.load_from_disk(str(path), keep_in_memory=True)
+    rows = node_train_data(node_config, cfg, labels)
+    partial = cache / f"{key}.partial-{os.getpid()}"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        rows.save_to_disk(str(partial))
+        partial.rename(path)  # atomic: a reader sees the whole table or none
+    except OSError:  # read-only disk, or another process got there first: both are fine
+        shutil.rmtree(partial, ignore_errors=True)
+    return rows
 
 
 def node_partition_id(node_config: Mapping[str, Any]) -> int:

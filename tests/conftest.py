@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # The hub is unreachable here: say so up front instead of letting each lookup time out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Nodes cache their prepared rows on disk (data.cached_node_train_data): keep the tests' apart.
+os.environ.setdefault("FEDERA_NODE_CACHE", tempfile.mkdtemp(prefix="federa-test-node-cache-"))
 
 import json  # noqa: E402
 import random  # noqa: E402

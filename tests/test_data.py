@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset
 from flwr_datasets.partitioner import DirichletPartitioner
 from transformers import BertTokenizer
 
-from federa_app import assets, data
+from federa_app import assets, data, partitioning
 from federa_app.errors import AssetError, ConfigError, DataError
 
 SPECS = ("iid", "dirichlet", "pathological", "column:group")
@@ -151,7 +151,7 @@ def test_empty_or_impossible_partitions_raise_data_error(monkeypatch) -> None:
     def allow_empty(spec, num_partitions, seed, alpha, k):
         return DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0, seed=seed)
 
-    monkeypatch.setattr(data, "make_partitioner", allow_empty)
+    monkeypatch.setattr(partitioning, "make_partitioner", allow_empty)
     skewed = synthetic(rows=200)
     sizes = [len(part) for part in data._partitions(skewed, "dirichlet", 20, 7, 0.01, 2)]
     first_empty = sizes.index(0)
@@ -161,7 +161,7 @@ def test_empty_or_impossible_partitions_raise_data_error(monkeypatch) -> None:
         data.client_partition(skewed, "dirichlet", 20, first_empty, 7, 0.01, 2)
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="dirichlet, iid, pathological, column:NAME"):
-        data.make_partitioner("shards", 4, 0, 0.5, 2)
+        partitioning.make_partitioner("shards", 4, 0, 0.5, 2)
     with pytest.raises(ConfigError, match="partition id 9"):
         data.client_partition(tiny, "iid", 3, 9, 0, 0.5, 2)
 

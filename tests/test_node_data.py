@@ -210,3 +210,30 @@ def test_server_train_config_carries_only_the_label_names(tiny_bert, server_iden
     assert content_bytes(with_labels) - content_bytes(without) == record.count_bytes()
     msg = Message(with_labels, dst_node_id=11, message_type="train")
     assert server_labels(msg, parse_run_config({"dataset": "csv:/not/needed.csv"})) == labels
+
+
+def test_prepared_rows_are_cached_on_disk_and_follow_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.NODE_CACHE_ENV, str(tmp_path / "cache"))
+    path = write_toy_csv(tmp_path / "node.csv", rows=40)
+    cfg = parse_run_config({"dataset": "csv:/not/needed.csv"})
+    node_config = {"data": f"csv:{path}"}
+    labels = ("negative", "positive")
+    fresh = data.node_train_data(node_config, cfg, labels)
+    first = data.cached_node_train_data(node_config, cfg, labels)  # prepares and saves
+    [entry] = (tmp_path / "cache").iterdir()
+    again = data.cached_node_train_data(node_config, cfg, labels)  # loads the saved table
+    assert again.to_dict() == first.to_dict() == fresh.to_dict()
+    assert again.features == fresh.features
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]
+
+    write_toy_csv(path, rows=41, seed=5)  # the node's file changed: new rows, new entry
+    data._load_labelled_cached.cache_clear()  # as in the next message's fresh process
+    changed = data.cached_node_train_data(node_config, cfg, labels)
+    assert len(changed) == 41 and len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(data.cached_node_train_data(node_config, cfg, ("negative", "positive", "x"))) == 41
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # the server's labels are in the key
+
+    monkeypatch.setenv(data.NODE_CACHE_ENV, "off")
+    assert data.node_cache_dir() is None
+    assert data.cached_node_train_data(node_config, cfg, labels).to_dict() == changed.to_dict()
+    assert len(list((tmp_path / "cache").iterdir())) == 3

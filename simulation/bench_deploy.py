@@ -1,0 +1,240 @@
+"""Benchmark: simulation vs loopback deployment, and what one ClientApp message costs.
+
+1. The same FeDeRA and fft runs (real minilm-l6 on rotten-tomatoes) through `federa simulate`
+   (Ray) and `federa deploy local` (SuperLink + SuperNodes): per-round wall time of each, the
+   server's evaluation, the slowest client's own work, and what is left (deployment overhead).
+2. One train message handled the way a SuperNode handles it in Flower 1.42: a fresh Python
+   process imports the ClientApp and runs it once. Printed: interpreter start, imports (per
+   package), and the phases of the handler (data, model, training, reply).
+Figures are printed, not asserted.
+
+    .venv/bin/python simulation/bench_deploy.py [--nodes 3] [--rounds 3] [--methods federa fft]
+    .venv/bin/python simulation/bench_deploy.py --skip-runs      # the per-message part only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean, median
+
+ROOT = Path(__file__).resolve().parent.parent
+# Handler phases: (label, module, function). The functions are wrapped with timers where
+# handle_train looks them up (cProfile would inflate the Python-heavy data code several-fold).
+PHASES = (
+    ("labels + node data", "federa_app.data", "node_train_data"),
+    ("model (load + build)", "federa_app.client", "build_model"),
+    ("received tensors in", "federa_app.client", "load_trainable_state"),
+    ("tokenizer", "federa_app.client", "load_tokenizer"),
+    ("local training", "federa_app.client", "train_locally"),
+    ("reply tensors out", "federa_app.client", "trainable_state"),
+)
+IMPORT_STEPS = ("torch", "transformers", "peft", "datasets", "flwr", "flwr_datasets")
+
+
+def run_pair(method: str, nodes: int, rounds: int, out: Path, extra: dict) -> dict:
+    """One simulation and one loopback deployment of the same run; per-round figures of each."""
+    from federa_app.deploy import deploy_local
+    from federa_app.records import read_metrics
+    from federa_app.simulate import simulate
+
+    figures = {"method": method}
+    for engine in ("simulation", "deployment"):
+        overrides = {"method": method, "num-server-rounds": rounds, **extra}
+        overrides["run-name"] = f"{method}-{engine}"
+        started = time.perf_counter()
+        if engine == "simulation":
+            run_dir = simulate(nodes, overrides, output_dir=out, log=lambda _: None)
+        else:
+            run_dir = deploy_local(nodes, overrides, output_dir=out, log=lambda _: None)
+        total = time.perf_counter() - started
+        rows = read_metrics(run_dir)[1:]
+        later = rows[1:] or rows  # round 1 also pays Ray's start / the factors' first shipping
+        figures[engine] = {
+            "command_seconds": total,
+            "round1_seconds": rows[0]["round_seconds"],
+            "round_seconds": mean(r["round_seconds"] for r in later),
+            "eval_seconds": mean(r["eval_seconds"] for r in later),
+            "client_seconds_max": mean(r["client_seconds_max"] for r in later),
+            "final_accuracy": rows[-1]["accuracy"],
+        }
+    return figures
+
+
+def message_child(args: argparse.Namespace) -> None:
+    """In a fresh process: import the ClientApp, handle one train message, print JSON timings."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    for package in IMPORT_STEPS:  # each step's time is what it adds to the ones before
+        t = time.perf_counter()
+        __import__(package)
+        timings[f"import {package}"] = time.perf_counter() - t
+    sys.path.insert(0, str(ROOT))
+    t = time.perf_counter()
+    import client_app  # noqa: F401  (what flwr-clientapp loads from the app bundle)
+    from federa_app.client import handle_train
+
+    timings["import client_app (federa_app)"] = time.perf_counter() - t
+    timings["imports total"] = time.perf_counter() - started
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from federa_app.wire import INIT_FACTORS_KEY
+
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, SUPERLINK_NODE_ID, 1
+    saved = json.loads(Path(args.message_file).read_text())
+    arrays = ArrayRecord(_load_tensors(saved["arrays"]))
+    content = {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **saved["config"]})}
+    if saved.get("factors"):
+        content[INIT_FACTORS_KEY] = ArrayRecord(_load_tensors(saved["factors"]))
+    message = Message(RecordDict(content), dst_node_id=7, message_type="train")
+    context = Context(1, 7, saved["node_config"], {}, saved["run_config"])
+
+    for label, module, function in PHASES:
+        _time_calls(sys.modules[module], function, label, timings)
+    t = time.perf_counter()
+    handle_train(message, context)
+    timings["handler total"] = time.perf_counter() - t
+    print(json.dumps(timings))
+
+
+def _time_calls(module: object, name: str, label: str, timings: dict[str, float]) -> None:
+    """Replace module.name with a wrapper that adds each call's seconds to timings[label]."""
+    original = getattr(module, name)
+    timings[label] = 0.0
+
+    def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            timings[label] += time.perf_counter() - t
+
+    setattr(module, name, timed)
+
+
+def _load_tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def profile_message(method: str, node_data: str, extra: dict, workdir: Path) -> dict:
+    """Prepare the server's first message for `method`, then time fresh processes handling it."""
+    from safetensors.torch import save_file
+
+    from federa_app import data
+    from federa_app.config import parse_run_config
+    from federa_app.models import build_model, initial_factors, resolve_model, trainable_state
+    from federa_app.simulate import app_defaults, default_app_dir
+
+    run_config = {**app_defaults(default_app_dir()), **extra, "method": method}
+    cfg = parse_run_config(run_config)
+    model_ref = resolve_model(cfg.model)
+    labels = data.load_labelled(cfg.dataset)[1]
+    factors = initial_factors(cfg, model_ref, labels) if cfg.uses_svd_init else None
+    model = build_model(cfg, model_ref, labels, factors)
+    save_file(trainable_state(model), workdir / f"{method}-arrays.safetensors")
+    if factors is not None:
+        save_file(factors, workdir / f"{method}-factors.safetensors")
+    node_config = {"partition-id": 0, "num-partitions": 3}
+    if node_data:
+        node_config["data"] = node_data
+    message_file = workdir / f"{method}-message.json"
+    message_file.write_text(
+        json.dumps(
+            {
+                "arrays": str(workdir / f"{method}-arrays.safetensors"),
+                "factors": str(workdir / f"{method}-factors.safetensors") if factors else "",
+                "config": {data.LABELS_KEY: list(labels)},
+                "node_config": node_config,
+                "run_config": run_config,
+            }
+        )
+    )
+    env = {
+        **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+        "FEDERA_NODE_CACHE": str(workdir / f"{method}-node-cache"),  # cold for the first message
+    }  # fmt: skip
+    samples = []
+    for _ in range(4):
+        t = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, __file__, "--message-child", str(message_file)],
+            capture_output=True, text=True, check=True, env=env,
+        )  # fmt: skip
+        timings = json.loads(result.stdout.strip().splitlines()[-1])
+        timings["process wall"] = time.perf_counter() - t
+        timings["interpreter + exit"] = (
+            timings["process wall"] - timings["imports total"] - timings["handler total"]
+        )
+        samples.append(timings)
+    cold, warm = samples[0], samples[1:]
+    return {key: (cold[key], median(s[key] for s in warm)) for key in cold}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=["federa", "fft"])
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--node-data", default="", help="node-config data for the message part")
+    parser.add_argument("--skip-runs", action="store_true", help="only the per-message part")
+    parser.add_argument("--message-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.message_child:
+        args.message_file = args.message_child
+        message_child(args)
+        return
+    extra = {"local-steps": args.local_steps, "eval-max-examples": 200, "dirichlet-alpha": 1.0}
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"minilm-l6 on rotten-tomatoes, local-steps {args.local_steps}, 200 test examples"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        print(
+            "\none train message in a fresh process, as Flower 1.42 starts one per message "
+            "(1 thread; seconds):"
+        )
+        for method in args.methods:
+            timings = profile_message(method, args.node_data, extra, Path(tmp))
+            print(f"  {method:<34} {'first':>7} {'later':>7}  (later: median of 3)")
+            for key, (first, later) in timings.items():
+                print(f"    {key:<32} {first:7.2f} {later:7.2f}")
+        if args.skip_runs:
+            return
+        print(f"\n{args.nodes} nodes x {args.rounds} rounds; means over rounds 2..{args.rounds}")
+        header = (
+            f"{'method':<7} {'engine':<11} {'round s':>8} {'round 1 s':>9} {'eval s':>7} "
+            f"{'client max s':>12} {'other s':>8} {'command s':>9} {'accuracy':>8}"
+        )
+        print(header)
+        for method in args.methods:
+            figures = run_pair(method, args.nodes, args.rounds, Path(tmp) / "runs", extra)
+            for engine in ("simulation", "deployment"):
+                f = figures[engine]
+                other = f["round_seconds"] - f["eval_seconds"] - f["client_seconds_max"]
+                print(
+                    f"{method:<7} {engine:<11} {f['round_seconds']:>8.1f} "
+                    f"{f['round1_seconds']:>9.1f} {f['eval_seconds']:>7.1f} "
+                    f"{f['client_seconds_max']:>12.1f} {other:>8.1f} "
+                    f"{f['command_seconds']:>9.0f} {f['final_accuracy']:>8.4f}"
+                )
+            overhead = (
+                figures["deployment"]["round_seconds"] - figures["simulation"]["round_seconds"]
+            )
+            print(f"{method:<7} deployment overhead per round: {overhead:+.1f} s")
+
+
+if __name__ == "__main__":
+    main()
