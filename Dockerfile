@@ -1,22 +1,69 @@
-# SuperNode + ClientApp image for edge devices (x86_64 and arm64, e.g. Raspberry Pi 5, Jetson).
-# The image holds code and dependencies only: no weights, no data. Mount the asset cache at
-# /home/app/.cache/federa (run `federa fetch` once, on the device or copied over).
+# syntax=docker/dockerfile:1
+# The FeDeRA image: Flower 1.42's SuperExec plus this project and its runtime dependencies.
 #
-#   docker build -t federa-supernode .
-#   docker build --build-arg BASE_IMAGE=<an arm64/Jetson base with Python 3.11> -t federa-supernode .
-ARG BASE_IMAGE=flwr/supernode:1.42.0
+# With `--isolation process` (compose.yaml) the SuperLink and the SuperNodes run Flower's own
+# images and start no app code; each SuperExec runs the app processes itself: `flwr-serverapp`
+# next to the SuperLink, `flwr-clientapp` next to each SuperNode. So this one image (torch,
+# transformers, peft, federa_app) serves every SuperExec, the ServerApp's included. Built on
+# flwr/supernode instead (BASE_IMAGE=flwr/supernode:1.42.0-py3.11-ubuntu24.04) it is a SuperNode
+# that runs its ClientApps in subprocesses (`--isolation subprocess`, no separate SuperExec).
+# The entrypoint is the base image's (flower-superexec or flower-supernode); compose.yaml names it.
+#
+# Code and dependencies only: no weights, no data, no certificates. The asset cache
+# (FEDERA_HOME) is a volume: fill it once with `federa fetch` (docs/docker.md).
+#
+#   docker build -t federa-superexec .                                      # x86_64, CPU torch
+#   docker buildx build --platform linux/arm64 -t federa-superexec --load .  # arm64 (Pi 5, ...)
+#   docker build --build-arg BASE_IMAGE=<image with Python 3.11/3.12 and NVIDIA's torch> \
+#       --build-arg TORCH_SPEC= -t federa-superexec .                       # Jetson: keep its torch
+
+# Flower's unsuffixed tag is Python 3.13, outside this project's requires-python: name the Python.
+ARG BASE_IMAGE=flwr/superexec:1.42.0-py3.11-ubuntu24.04
 FROM ${BASE_IMAGE}
 
-WORKDIR /app
-# torch first, pinned: an unpinned torch drags in several GB of CUDA wheels on x86_64.
+# torch before the project, pinned, from PyTorch's CPU index: PyPI's x86_64 torch wheels pull
+# several GB of CUDA libraries. TORCH_SPEC= (empty) keeps a torch the base already has (Jetson);
+# TORCH_INDEX_URL= (empty) installs from PyPI (or set a CUDA index, e.g. .../whl/cu128).
 ARG TORCH_SPEC=torch==2.13.0
-RUN python -m pip install --no-cache-dir "${TORCH_SPEC}"
-COPY pyproject.toml README.md ./
-COPY federa_app ./federa_app
-RUN python -m pip install --no-cache-dir .
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-ENV FEDERA_HOME=/home/app/.cache/federa \
+ENV HOME=/app \
+    FEDERA_HOME=/app/.cache/federa \
     HF_HUB_OFFLINE=1 \
-    FLWR_TELEMETRY_ENABLED=0
-VOLUME ["/home/app/.cache/federa"]
-# The base image runs as the non-root user `app` and its entrypoint is flower-supernode.
+    FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_UPDATE_CHECK=1 \
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    PYTHONUNBUFFERED=1
+# FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION is read by flower-superlink; SuperNodes and
+# SuperExecs install nothing unless given --allow-runtime-dependency-installation (compose.yaml
+# never does): a runtime `uv sync` of pyproject.toml would fetch PyPI's CUDA torch.
+
+USER root
+# Flower's images run as `app` (uid 49999, home /app); a base without that user gets it.
+RUN id -u app >/dev/null 2>&1 \
+    || useradd --uid 49999 --home-dir /app --create-home --shell /usr/sbin/nologin app
+
+COPY pyproject.toml README.md /opt/federa/
+COPY federa_app /opt/federa/federa_app
+COPY simulation /opt/federa/simulation
+
+# The project from pyproject.toml, so the image has exactly its dependency set (flwr==1.42.0 is
+# already in the base and stays). federa_app is installed too: the app bundle (FAB) brings its
+# own copy, which is first on sys.path at run time; the installed one gives the `federa` command.
+# PIP_BREAK_SYSTEM_PACKAGES only matters on a base whose system Python is pip-protected.
+RUN set -eu; \
+    export PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1; \
+    if [ -n "${TORCH_SPEC}" ]; then \
+        python3 -m pip install ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "${TORCH_SPEC}"; \
+    fi; \
+    python3 -m pip install /opt/federa; \
+    rm -rf /opt/federa/build /opt/federa/*.egg-info; \
+    flower-superexec --version; \
+    for cmd in flwr-serverapp flwr-clientapp federa; do command -v "$cmd" >/dev/null; done
+
+# The cache directory exists, owned by `app`, before VOLUME: a new named volume copies it.
+RUN mkdir -p "${FEDERA_HOME}" && chown -R app:app /app
+VOLUME ["/app/.cache/federa"]
+
+WORKDIR /app
+USER app

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_CLIENTS ?= 10
 DEMO_CONFIG ?= dirichlet-alpha=1.0 num-server-rounds=8 learning-rate=0.002
 
-.PHONY: install fetch demo test lint format bench compare clean
+.PHONY: install fetch demo deploy test lint format bench compare clean
 
 install: $(BIN)/.installed
 
@@ -24,6 +24,11 @@ fetch: install
 demo: fetch
 	$(BIN)/federa simulate --num-clients $(DEMO_CLIENTS) --run-config "$(DEMO_CONFIG)"
 
+# The same job on a real SuperLink + SuperNodes on this machine (TLS, node auth); see README.
+NODES ?= 3
+deploy: fetch
+	$(BIN)/federa deploy local --nodes $(NODES) --tls --run-config "num-server-rounds=3"
+
 test: fetch
 	$(BIN)/python -m pytest
 
@@ -37,6 +42,7 @@ bench: fetch
 	$(BIN)/python simulation/bench_overhead.py
 	$(BIN)/python simulation/bench_memory.py
 	$(BIN)/python simulation/bench_svd.py
+	$(BIN)/python simulation/bench_deploy.py
 
 # The comparison harness: `make compare GRID=quick` (a preset or a TOML file); see README.
 GRID ?= smoke

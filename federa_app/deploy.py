@@ -21,15 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from federa_app import runtime
-from federa_app.certs import Credentials, make_credentials
-from federa_app.config import parse_run_config, to_flwr_overrides
+from federa_app.certs import DEFAULT_SANS, Credentials, make_credentials
+from federa_app.config import to_flwr_overrides
 from federa_app.errors import ConfigError
-from federa_app.records import runs_root
 from federa_app.runtime import BIN_DIR, Log, RunFailed
-from federa_app.simulate import app_defaults, default_app_dir, validate
+from federa_app.simulate import prepare_run
 
 ISOLATIONS = ("subprocess", "process")
 NODES_ONLINE_TIMEOUT = 120.0  # s; a SuperNode connects within a few seconds on loopback
+
+
+@dataclass(frozen=True)
+class NodeNetwork:
+    """Where a SuperNode runs: a command prefix (e.g. `ip netns exec NS` for a network
+    namespace behind a rate-limited link) and the SuperLink's address as seen from there."""
+
+    prefix: tuple[str, ...] = ()
+    superlink_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -92,7 +100,7 @@ def node_config(index: int, nodes: int, data: str | None) -> str:
     return config + (f' data="{data}"' if data else "")
 
 
-def start_superlink(dep: Deployment, isolation: str) -> None:
+def start_superlink(dep: Deployment, isolation: str, host: str = "127.0.0.1") -> None:
     """Start the SuperLink (TLS and node authentication when credentials are given)."""
     creds = dep.credentials
     security = (
@@ -103,7 +111,7 @@ def start_superlink(dep: Deployment, isolation: str) -> None:
     log_file = dep.home / "superlink.log"
     dep.superlink = runtime.start(
         [str(BIN_DIR / "flower-superlink"), *security, "--isolation", isolation,
-         "--host", "127.0.0.1", "--port", str(dep.port),
+         "--host", host, "--port", str(dep.port),
          "--disable-runtime-dependency-installation"],
         log_file, dep.env, dep.home,
     )  # fmt: skip
@@ -113,7 +121,11 @@ def start_superlink(dep: Deployment, isolation: str) -> None:
 
 
 def start_superexec(
-    dep: Deployment, address: str, name: str, via_superlink: bool
+    dep: Deployment,
+    address: str,
+    name: str,
+    via_superlink: bool,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """A SuperExec that runs the apps a SuperLink or SuperNode hands it (process isolation)."""
     tls = (
@@ -121,7 +133,7 @@ def start_superexec(
         if via_superlink and dep.credentials else ["--insecure"]
     )  # fmt: skip
     return runtime.start(
-        [str(BIN_DIR / "flower-superexec"), "--runtime-api-address", address, *tls],
+        [*prefix, str(BIN_DIR / "flower-superexec"), "--runtime-api-address", address, *tls],
         dep.home / f"superexec-{name}.log", dep.env, dep.home,
     )  # fmt: skip
 
@@ -135,7 +147,13 @@ def register_node(dep: Deployment, index: int) -> None:
 
 
 def start_node(
-    dep: Deployment, index: int, nodes: int, isolation: str, data: str | None, key: Path | None
+    dep: Deployment,
+    index: int,
+    nodes: int,
+    isolation: str,
+    data: str | None,
+    key: Path | None,
+    network: NodeNetwork = NodeNetwork(),
 ) -> Node:
     """Start SuperNode `index` (1-based) on its own port."""
     creds = dep.credentials
@@ -147,14 +165,17 @@ def start_node(
     # N nodes share this machine's cores, as Ray's clients do in simulation (set_threads reads it).
     env = {**dep.env, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nodes))}
     process = runtime.start(
-        [str(BIN_DIR / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{dep.port}",
+        [*network.prefix, str(BIN_DIR / "flower-supernode"), *security,
+         "--superlink", f"{network.superlink_host}:{dep.port}",
          "--port", str(port), "--isolation", isolation,
          "--node-config", node_config(index, nodes, data)],
         log_file, env, dep.home,
     )  # fmt: skip
     node = Node(index, port, process, log_file)
     if isolation == "process":
-        node.superexec = start_superexec(dep, f"127.0.0.1:{port}", f"supernode-{index}", False)
+        node.superexec = start_superexec(
+            dep, f"127.0.0.1:{port}", f"supernode-{index}", False, network.prefix
+        )
     return node
 
 
@@ -206,31 +227,29 @@ def deploy_local(
     isolation: str = "subprocess",
     node_data: Sequence[str] = (),
     log: Log = print,
+    networks: Sequence[NodeNetwork] = (),
 ) -> Path:
-    """Run one job on a loopback SuperLink + `nodes` SuperNodes; return its run directory."""
+    """Run one job on a loopback SuperLink + `nodes` SuperNodes; return its run directory.
+
+    `networks` (one per node) runs the SuperNodes elsewhere, e.g. in network namespaces
+    (simulation/bench_deploy.py --netns); the SuperLink then listens on all interfaces.
+    """
     if isolation not in ISOLATIONS:
         raise ConfigError(f"--isolation '{isolation}' is not one of: {', '.join(ISOLATIONS)}")
     if nodes < 1:
         raise ConfigError(f"--nodes {nodes} must be >= 1")
+    if networks and len(networks) != nodes:
+        raise ConfigError(f"{len(networks)} node networks given for --nodes {nodes}")
     if node_data and len(node_data) != nodes:
         raise ConfigError(
             f"--node-data was given {len(node_data)} times for --nodes {nodes}: give it once "
             "per SuperNode, or not at all (then each node gets a partition of `dataset`)"
         )
-    app_dir = Path(app_dir or default_app_dir()).resolve()
-    overrides = dict(overrides or {})
-    overrides["output-dir"] = str(Path(overrides.get("output-dir") or output_dir).resolve())
-    cfg = parse_run_config({**app_defaults(app_dir), **overrides})
-    if not cfg.run_name:
-        overrides["run-name"] = time.strftime("%Y%m%d-%H%M%S-") + f"{cfg.method}-{os.getpid()}"
-        cfg = parse_run_config({**app_defaults(app_dir), **overrides})
-    validate(cfg, nodes)
-    run_dir = runs_root(cfg.output_dir) / cfg.run_name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty")
+    app_dir, overrides, cfg, run_dir = prepare_run(overrides, output_dir, app_dir, nodes)
 
     home = Path(tempfile.mkdtemp(prefix="federa-deploy-"))
-    credentials = make_credentials(home / "certs", nodes) if tls else None
+    sans = (*DEFAULT_SANS, *sorted({n.superlink_host for n in networks} - set(DEFAULT_SANS)))
+    credentials = make_credentials(home / "certs", nodes, sans) if tls else None
     dep = Deployment(home, runtime.free_port(), credentials, runtime.flower_env(home))
     address = f"127.0.0.1:{dep.port}"
     runtime.write_connection(home, address, credentials.ca_cert if credentials else None)
@@ -239,14 +258,15 @@ def deploy_local(
     log(f"federa: {cfg.method} on {cfg.dataset}, run directory {run_dir}")
     run_log = home / "flwr-run.log"
     try:
-        start_superlink(dep, isolation)
+        start_superlink(dep, isolation, "0.0.0.0" if networks else "127.0.0.1")
         dep.nodes = []
         for index in range(1, nodes + 1):
             if credentials:
                 register_node(dep, index)
             key = credentials.node_keys[index - 1] if credentials else None
             data = node_data[index - 1] if node_data else None
-            dep.nodes.append(start_node(dep, index, nodes, isolation, data, key))
+            network = networks[index - 1] if networks else NodeNetwork()
+            dep.nodes.append(start_node(dep, index, nodes, isolation, data, key, network))
         wait_for_nodes(dep, log)
 
         def watch() -> None:  # a SuperNode that dies mid-run is announced once; the run goes on

@@ -90,6 +90,25 @@ def result_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def prepare_run(
+    overrides: dict[str, Any] | None, output_dir: str | Path, app_dir: Path | None, nodes: int
+) -> tuple[Path, dict[str, Any], RunConfig, Path]:
+    """Resolve and check a run before anything starts: the app, the overrides (absolute
+    output-dir, a run name), the config, and a run directory that is new or empty."""
+    app_dir = Path(app_dir or default_app_dir()).resolve()
+    overrides = dict(overrides or {})
+    overrides["output-dir"] = str(Path(overrides.get("output-dir") or output_dir).resolve())
+    cfg = parse_run_config({**app_defaults(app_dir), **overrides})
+    if not cfg.run_name:
+        overrides["run-name"] = time.strftime("%Y%m%d-%H%M%S-") + f"{cfg.method}-{os.getpid()}"
+        cfg = parse_run_config({**app_defaults(app_dir), **overrides})
+    validate(cfg, nodes)
+    run_dir = runs_root(cfg.output_dir) / cfg.run_name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty")
+    return app_dir, overrides, cfg, run_dir
+
+
 def simulate(
     num_clients: int = 10,
     overrides: dict[str, Any] | None = None,
@@ -99,19 +118,9 @@ def simulate(
     log: Log = print,
 ) -> Path:
     """Run one simulation to completion and return its run directory; raise on any failure."""
-    app_dir = Path(app_dir or default_app_dir()).resolve()
-    overrides = dict(overrides or {})
-    overrides["output-dir"] = str(Path(overrides.get("output-dir") or output_dir).resolve())
-    cfg = parse_run_config({**app_defaults(app_dir), **overrides})
-    if not cfg.run_name:
-        overrides["run-name"] = time.strftime("%Y%m%d-%H%M%S-") + f"{cfg.method}-{os.getpid()}"
-        cfg = parse_run_config({**app_defaults(app_dir), **overrides})
     if cpus_per_client < 1:
         raise ConfigError(f"--cpus-per-client {cpus_per_client} must be an integer >= 1")
-    validate(cfg, num_clients)
-    run_dir = runs_root(cfg.output_dir) / cfg.run_name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty")
+    app_dir, overrides, cfg, run_dir = prepare_run(overrides, output_dir, app_dir, num_clients)
 
     flwr_home = Path(tempfile.mkdtemp(prefix="federa-flwr-"))
     port, control_port = runtime.free_port(), runtime.free_port()

@@ -10,6 +10,11 @@ Figures are printed, not asserted.
 
     .venv/bin/python simulation/bench_deploy.py [--nodes 3] [--rounds 3] [--methods federa fft]
     .venv/bin/python simulation/bench_deploy.py --skip-runs      # the per-message part only
+    sudo .venv/bin/python simulation/bench_deploy.py --netns     # real links: time to target
+
+3. With --netns (root and iproute2 needed): every SuperNode in its own network namespace behind
+   a veth pair shaped to --mbit (tc tbf, both directions); federa and fft deployed over those
+   links until --target accuracy: the real wall time to target, transfers included.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ PHASES = (
     ("local training", "federa_app.client", "train_locally"),
     ("reply tensors out", "federa_app.client", "trainable_state"),
 )
-IMPORT_STEPS = ("torch", "transformers", "peft", "datasets", "flwr", "flwr_datasets")
+# The packages the ClientApp imports, heaviest first; flwr_datasets is left to `client_app`
+# (it is imported there only if the node has to compute a partition).
+IMPORT_STEPS = ("torch", "transformers", "peft", "datasets", "flwr")
 
 
 def run_pair(method: str, nodes: int, rounds: int, out: Path, extra: dict) -> dict:
@@ -82,6 +89,7 @@ def message_child(args: argparse.Namespace) -> None:
     from federa_app.client import handle_train
 
     timings["import client_app (federa_app)"] = time.perf_counter() - t
+
     timings["imports total"] = time.perf_counter() - started
 
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -100,10 +108,12 @@ def message_child(args: argparse.Namespace) -> None:
     context = Context(1, 7, saved["node_config"], {}, saved["run_config"])
 
     for label, module, function in PHASES:
-        _time_calls(sys.modules[module], function, label, timings)
+        if hasattr(sys.modules[module], function):  # older versions of the app lack some
+            _time_calls(sys.modules[module], function, label, timings)
     t = time.perf_counter()
     handle_train(message, context)
     timings["handler total"] = time.perf_counter() - t
+    timings["flwr_datasets loaded (1 = yes)"] = float("flwr_datasets" in sys.modules)
     print(json.dumps(timings))
 
 
@@ -182,6 +192,99 @@ def profile_message(method: str, node_data: str, extra: dict, workdir: Path) -> 
     return {key: (cold[key], median(s[key] for s in warm)) for key in cold}
 
 
+def namespaces_possible() -> str:
+    """Why network namespaces cannot be used here ("" when they can): root, ip and tc needed."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and tc)"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    return f"needs {' and '.join(missing)} (iproute2)" if missing else ""
+
+
+def _sh(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
+def make_namespaces(nodes: int, mbit: float) -> list:
+    """One network namespace per node behind its own veth pair, both directions shaped to
+    `mbit` with tc's token bucket filter; returns the NodeNetwork of each node."""
+    from federa_app.deploy import NodeNetwork
+
+    networks = []
+    for i in range(1, nodes + 1):
+        ns, host_if, node_if = f"federa-n{i}", f"fdr{i}h", f"fdr{i}n"
+        host_ip, node_ip = f"10.231.{i}.1", f"10.231.{i}.2"
+        _sh("ip", "netns", "add", ns)
+        _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if)
+        _sh("ip", "link", "set", node_if, "netns", ns)
+        _sh("ip", "addr", "add", f"{host_ip}/24", "dev", host_if)
+        _sh("ip", "link", "set", host_if, "up")
+        for command in (
+            ("ip", "addr", "add", f"{node_ip}/24", "dev", node_if),
+            ("ip", "link", "set", node_if, "up"),
+            ("ip", "link", "set", "lo", "up"),
+        ):
+            _sh("ip", "netns", "exec", ns, *command)
+        shape = ("tc", "qdisc", "add", "dev")
+        tbf = ("root", "tbf", "rate", f"{mbit}mbit", "burst", "32kbit", "latency", "400ms")
+        _sh(*shape, host_if, *tbf)  # server -> node (downlink)
+        _sh("ip", "netns", "exec", ns, *shape, node_if, *tbf)  # node -> server (uplink)
+        networks.append(NodeNetwork(("ip", "netns", "exec", ns), host_ip))
+    return networks
+
+
+def remove_namespaces(nodes: int) -> None:
+    """Delete what make_namespaces made (the veth pair goes with its namespace)."""
+    for i in range(1, nodes + 1):
+        subprocess.run(["ip", "netns", "del", f"federa-n{i}"], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"fdr{i}h"], capture_output=True)
+
+
+def run_over_link(args: argparse.Namespace, extra: dict, out: Path) -> None:
+    """federa vs fft deployed with every SuperNode behind a rate-limited link: real time to
+    the target accuracy (the server's wall clock, link transfers included)."""
+    from federa_app.deploy import deploy_local
+    from federa_app.runtime import summary
+
+    why_not = namespaces_possible()
+    if why_not:
+        raise SystemExit(f"bench_deploy --netns: {why_not}")
+    print(
+        f"\n{args.nodes} SuperNodes in network namespaces, each behind a {args.mbit} Mbit/s "
+        f"link (tc tbf, both directions); target accuracy {args.target}, at most "
+        f"{args.netns_rounds} rounds"
+    )
+    print(f"{'method':<7} {'rounds':>6} {'to target s':>11} {'MB to target':>12} {'final':>6} "
+          f"{'round s':>8}")  # fmt: skip
+    remove_namespaces(args.nodes)  # leftovers of an interrupted run
+    try:
+        networks = make_namespaces(args.nodes, args.mbit)
+        for method in args.methods:
+            overrides = {
+                **extra, "method": method, "num-server-rounds": args.netns_rounds,
+                "target-accuracy": args.target, "run-name": f"{method}-netns",
+            }  # fmt: skip
+            run_dir = deploy_local(
+                args.nodes, overrides, output_dir=out, log=lambda _: None, networks=networks
+            )
+            s = summary(run_dir)
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()][1:]
+            reached = s["rounds_to_target"] is not None
+            to_target = f"{s['wall_seconds_to_target']:.0f}" if reached else "not reached"
+            megabytes = (
+                f"{(s['bytes_up_to_target'] + s['bytes_down_to_target']) / 1e6:.1f}"
+                if reached else "-"
+            )  # fmt: skip
+            print(
+                f"{method:<7} {s['rounds_to_target'] if reached else '-':>6} {to_target:>11} "
+                f"{megabytes:>12} {s['final_accuracy']:>6.3f} "
+                f"{mean(r['round_seconds'] for r in rows):>8.1f}"
+            )
+    finally:
+        remove_namespaces(args.nodes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
@@ -190,6 +293,13 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--node-data", default="", help="node-config data for the message part")
     parser.add_argument("--skip-runs", action="store_true", help="only the per-message part")
+    parser.add_argument(
+        "--netns", action="store_true",
+        help="only: SuperNodes in network namespaces behind rate-limited links (root, iproute2)",
+    )  # fmt: skip
+    parser.add_argument("--mbit", type=float, default=10.0, help="link rate for --netns (10)")
+    parser.add_argument("--target", type=float, default=0.7, help="target accuracy (--netns)")
+    parser.add_argument("--netns-rounds", type=int, default=6, help="max rounds (--netns)")
     parser.add_argument("--message-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.message_child:
@@ -202,6 +312,9 @@ def main() -> None:
         f"minilm-l6 on rotten-tomatoes, local-steps {args.local_steps}, 200 test examples"
     )
     with tempfile.TemporaryDirectory() as tmp:
+        if args.netns:
+            run_over_link(args, extra, Path(tmp) / "runs")
+            return
         print(
             "\none train message in a fresh process, as Flower 1.42 starts one per message "
             "(1 thread; seconds):"
