@@ -51,9 +51,9 @@ def _deploy(args: argparse.Namespace) -> None:
 
 
 def _certs(args: argparse.Namespace) -> None:
-    from federa_app.certs import make_credentials
+    from federa_app.certs import DEFAULT_SANS, make_credentials
 
-    sans = tuple(args.san) or ("localhost", "127.0.0.1", "::1")
+    sans = tuple(args.san) or DEFAULT_SANS
     creds = make_credentials(args.directory, args.nodes, sans, args.days, args.overwrite)
     print(f"CA certificate          {creds.ca_cert}  (give to every SuperNode and flwr user)")
     print(f"SuperLink certificate   {creds.server_cert}, key {creds.server_key}")

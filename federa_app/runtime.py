@@ -110,37 +110,31 @@ def stop(process: subprocess.Popen | None) -> None:
         family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
     except psutil.NoSuchProcess:
         return
-    for proc in family:
+    _terminate_then_kill(family)
+    process.poll()  # reap our direct child
+
+
+def stop_orphans(processes: set) -> None:
+    """Stop processes (psutil.Process) that outlived the parent we started them through."""
+    _terminate_then_kill([p for p in processes if p.is_running()])  # also rules out reused PIDs
+
+
+def _terminate_then_kill(processes: list) -> None:
+    """SIGTERM each process, give them 15 s to exit, then SIGKILL the rest."""
+    import psutil
+
+    for proc in processes:
         try:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(family, timeout=15)
+    _, alive = psutil.wait_procs(processes, timeout=15)
     for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
-    process.poll()  # reap our direct child
-
-
-def stop_orphans(processes: set) -> None:
-    """Stop processes (psutil.Process) that outlived the parent we started them through."""
-    import psutil
-
-    alive = [p for p in processes if p.is_running()]  # is_running also rules out a reused PID
-    for proc in alive:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def progress_line(row: dict[str, Any], rounds: int) -> str:

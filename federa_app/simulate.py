@@ -9,7 +9,6 @@ it knows the PID to stop and leaves the user's ~/.flwr alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from federa_app import data, runtime
 from federa_app.config import RunConfig, parse_run_config, to_flwr_overrides
 from federa_app.errors import ConfigError
 from federa_app.models import check_model_fits, resolve_model
-from federa_app.records import SUMMARY_FILE, read_metrics, runs_root
+from federa_app.records import read_metrics, runs_root
 from federa_app.runtime import BIN_DIR, Log, RunFailed
 from federa_app.strategies import build_strategy
 
@@ -68,7 +67,7 @@ def validate(cfg: RunConfig, num_clients: int) -> None:
 def result_table(run_dir: Path) -> str:
     """A plain-text table of a finished run: per round, then the summary."""
     rows = read_metrics(run_dir)
-    summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    summary = runtime.summary(Path(run_dir))
     lines = [
         f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'loss':>7} {'train loss':>10} "
         f"{'MB up':>8} {'MB down':>8} {'seconds':>8}",
