@@ -4,8 +4,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from federa_app.client import handle_train
+from federa_app.privacy import dp_client_mod
 
-app = ClientApp()
+# dp=client-fixed/client-adaptive clip each train reply here; the mod passes through otherwise.
+app = ClientApp(mods=[dp_client_mod])
 
 
 @app.train()

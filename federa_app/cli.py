@@ -10,6 +10,11 @@ from pathlib import Path
 
 from federa_app.errors import FederaError
 
+RESUME_HELP = (
+    "continue this run directory after its last checkpointed round, with its own run config "
+    "(--run-config may change num-server-rounds and other keys that do not alter the training)"
+)
+
 
 def _fetch(args: argparse.Namespace) -> None:
     from federa_app import assets
@@ -17,13 +22,31 @@ def _fetch(args: argparse.Namespace) -> None:
     assets.fetch(args.names or None)
 
 
-def _simulate(args: argparse.Namespace) -> None:
+def _overrides(args: argparse.Namespace) -> dict:
+    """--run-config pairs, plus resume-from for --resume."""
     from federa_app.config import parse_overrides
+
+    overrides = parse_overrides(" ".join(args.run_config))
+    if args.resume:
+        overrides["resume-from"] = str(Path(args.resume).resolve())
+    return overrides
+
+
+def _node_count(args: argparse.Namespace, given: int | None, default: int) -> int:
+    """The node count asked for, else the resumed run's, else the default."""
+    from federa_app.simulate import resume_nodes
+
+    if given is not None:
+        return given
+    return resume_nodes(args.resume) if args.resume else default
+
+
+def _simulate(args: argparse.Namespace) -> None:
     from federa_app.simulate import result_table, simulate
 
     run_dir = simulate(
-        num_clients=args.num_clients,
-        overrides=parse_overrides(" ".join(args.run_config)),
+        num_clients=_node_count(args, args.num_clients, 10),
+        overrides=_overrides(args),
         output_dir=args.output_dir,
         app_dir=args.app,
         cpus_per_client=args.cpus_per_client,
@@ -33,13 +56,12 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> None:
-    from federa_app.config import parse_overrides
     from federa_app.deploy import deploy_local
     from federa_app.simulate import result_table
 
     run_dir = deploy_local(
-        nodes=args.nodes,
-        overrides=parse_overrides(" ".join(args.run_config)),
+        nodes=_node_count(args, args.nodes, 3),
+        overrides=_overrides(args),
         output_dir=args.output_dir,
         app_dir=args.app,
         tls=args.tls,
@@ -150,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_fetch)
 
     sim = sub.add_parser("simulate", help="run a Ray-backed Flower simulation")
-    sim.add_argument("--num-clients", type=int, default=10, help="simulated SuperNodes (10)")
+    sim.add_argument(
+        "--num-clients", type=int, default=None,
+        help="simulated SuperNodes (10; with --resume the run's own count)",
+    )  # fmt: skip
     sim.add_argument(
         "--run-config", action="append", default=[], metavar='"k=v ..."',
         help="run-config overrides, as for `flwr run` (strings may be unquoted)",
@@ -158,11 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--output-dir", default="runs", help="parent of the run directory (runs)")
     sim.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per client (1)")
     sim.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
+    sim.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
     sim.set_defaults(func=_simulate)
 
     dep = sub.add_parser("deploy", help="run on a real SuperLink + SuperNodes (loopback)")
     dep.add_argument("where", choices=["local"], help="local: every process on this machine")
-    dep.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (3)")
+    dep.add_argument(
+        "--nodes", type=int, default=None,
+        help="SuperNodes to start (3; with --resume the run's own count)",
+    )  # fmt: skip
     dep.add_argument("--tls", action="store_true", help="TLS and node authentication")
     dep.add_argument(
         "--isolation", default="subprocess", help="subprocess (default) or process (SuperExecs)"
@@ -174,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--run-config", action="append", default=[], metavar='"k=v ..."')
     dep.add_argument("--output-dir", default="runs", help="parent of the run directory (runs)")
     dep.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
+    dep.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
     dep.set_defaults(func=_deploy)
 
     certs = sub.add_parser("certs", help="make a CA, SuperLink certificate and node key pairs")

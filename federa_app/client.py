@@ -18,6 +18,16 @@ from federa_app.models import (
 from federa_app.training import set_threads, train_locally
 from federa_app.wire import INIT_FACTORS_KEY
 
+# The MetricRecord of every train reply; the server rejects a reply whose keys differ.
+TRAIN_METRIC_KEYS = (
+    "num-examples",
+    "train_loss",
+    "train_seconds",
+    "client_seconds",
+    "partition-id",
+    "num-threads",
+)
+
 
 def initial_factors_for(msg: Message, context: Context) -> dict:
     """FeDeRA's (A0, B0): from this message (then kept in the node's state) or from that state."""

@@ -7,7 +7,9 @@ range, before any model or data is loaded. `pyproject.toml` mirrors `DEFAULTS` (
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -30,7 +32,16 @@ STRATEGIES = (
     "svd-avg",
 )
 SVD_MODES = ("full", "randomized")
+# Flower's four central-DP strategy wrappers (and, for client-*, the matching client mods).
+DP_MODES = ("none", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive")
 LR_SCHEDULES = ("constant", "linear")
+# Flower 1.42 implements SecAgg+ only for the legacy API (flwr.server.workflow.SecAggPlusWorkflow
+# needs a LegacyContext and `fitins`/`fitres` records); this app uses the Message API strategies.
+SECAGG_UNAVAILABLE = (
+    "Flower 1.42 offers SecAgg+ only for its legacy strategy API (SecAggPlusWorkflow with "
+    "LegacyContext), not for the Message API strategies this app runs, so no strategy or method "
+    "works with it; use secagg=false (dp=client-fixed or client-adaptive clips on the node)"
+)
 PARTITIONER_HELP = "dirichlet, iid, pathological, column:NAME"
 
 # `learning-rate = ""` picks the method's own rate. PEFT methods and full fine-tuning want very
@@ -104,6 +115,12 @@ DEFAULTS: dict[str, Any] = {
     "device-slowdown": 1.0,
     "uplink-mbps": 10.0,
     "downlink-mbps": 50.0,
+    "max-update-norm": 0.0,
+    "resume-from": "",
+    "dp": "none",
+    "dp-noise-multiplier": 1.0,
+    "dp-clipping-norm": 1.0,
+    "secagg": False,
     **{key: "" for key in STRATEGY_PARAMS},
 }
 
@@ -151,6 +168,12 @@ class RunConfig:
     device_slowdown: float
     uplink_mbps: float
     downlink_mbps: float
+    max_update_norm: float
+    resume_from: str
+    dp: str
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    secagg: bool
     strategy_params: dict[str, float | int]
 
     @property
@@ -177,22 +200,36 @@ class RunConfig:
         return out
 
 
+def _show(value: Any) -> str:
+    """repr(value) for a message; Python refuses to print ints of over 4300 digits."""
+    try:
+        return repr(value)
+    except (ValueError, RecursionError):
+        size = f"{value.bit_length()}-bit " if isinstance(value, int) else ""
+        return f"<{size}{type(value).__name__} too large to show>"
+
+
 def _typed(key: str, value: Any, kind: type) -> Any:
     """Coerce one value to `kind` (ints are fine where floats are wanted); else ConfigError."""
+    typed = value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        typed = float(value) if abs(value) <= sys.float_info.max else math.inf
+    elif kind is int and isinstance(value, float) and value.is_integer():
+        typed = int(value)
+    if not isinstance(typed, kind) or (kind is not bool and isinstance(typed, bool)):
         default = DEFAULTS[key]
         hint = '"" = the default' if default == "" else f"default {default!r}"
-        raise ConfigError(f"run-config {key}={value!r} must be a {kind.__name__} ({hint})")
-    return value
+        raise ConfigError(f"run-config {key}={_show(value)} must be a {kind.__name__} ({hint})")
+    if kind is float and not math.isfinite(typed):
+        raise ConfigError(f"run-config {key}={_show(value)} is invalid: must be a finite number")
+    if kind is int and not -(2**63) <= typed < 2**63:
+        raise ConfigError(f"run-config {key}={_show(value)} is invalid: TOML integers are 64-bit")
+    return typed
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
-        raise ConfigError(f"run-config {key}={value!r} is invalid: {valid}")
+        raise ConfigError(f"run-config {key}={_show(value)} is invalid: {valid}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -221,6 +258,13 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     _choice("strategy", values["strategy"], STRATEGIES)
     _choice("svd", values["svd"], SVD_MODES)
     _choice("lr-schedule", values["lr-schedule"], LR_SCHEDULES)
+    _choice("dp", values["dp"], DP_MODES)
+    _check(
+        not values["secagg"],
+        "secagg",
+        values["secagg"],
+        SECAGG_UNAVAILABLE,
+    )
     part = values["partitioner"]
     _check(
         part in ("dirichlet", "iid", "pathological")
@@ -248,6 +292,8 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "eval-max-examples",
     ):
         _check(values[key] >= 0, key, values[key], "must be >= 0")
+    # numpy's generators refuse negative seeds, torch.manual_seed those of 64 bits and more
+    _check(0 <= values["seed"] < 2**32, "seed", values["seed"], "in [0, 4294967295]")
     _check(
         values["local-steps"] >= 1 or values["local-epochs"] >= 1,
         "local-steps",
@@ -261,9 +307,16 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "device-slowdown",
         "uplink-mbps",
         "downlink-mbps",
+        "dp-clipping-norm",
     ):
         _check(values[key] > 0, key, values[key], "must be > 0")
-    for key in ("weight-decay", "max-grad-norm"):
+    _check(
+        values["dp-noise-multiplier"] >= 0,
+        "dp-noise-multiplier",
+        values["dp-noise-multiplier"],
+        "must be >= 0",
+    )
+    for key in ("weight-decay", "max-grad-norm", "max-update-norm"):
         _check(values[key] >= 0, key, values[key], "must be >= 0 (0 disables it)")
     _check(0 < values["test-fraction"] < 1, "test-fraction", values["test-fraction"], "in (0, 1)")
     _check(
@@ -316,15 +369,25 @@ def parse_overrides(text: str) -> dict[str, Any]:
     for key, raw in _PAIR.findall(text):
         try:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+        except (ValueError, RecursionError):  # TOMLDecodeError; ints over 4300 digits; deep [[[
             out[key] = raw
     return out
 
 
+def _toml_string(text: str) -> str:
+    """A TOML basic string with no `"` inside (flwr's own pattern ends a value at the next `"`):
+    printable ASCII stays, everything else (quotes, backslashes, controls, non-ASCII) is \\u/\\U."""
+    out = []
+    for ch in text:
+        if " " <= ch <= "~" and ch not in '"\\':
+            out.append(ch)
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
+
+
 def to_flwr_overrides(values: dict[str, Any]) -> str:
     """Render overrides as the TOML-valued `k=v` string `flwr run --run-config` accepts."""
-    import json
-
     parts = []
     for key, value in values.items():
         if isinstance(value, bool):
@@ -332,5 +395,5 @@ def to_flwr_overrides(values: dict[str, Any]) -> str:
         elif isinstance(value, (int, float)):
             parts.append(f"{key}={value!r}")
         else:
-            parts.append(f"{key}={json.dumps(str(value))}")
+            parts.append(f"{key}={_toml_string(str(value))}")
     return " ".join(parts)

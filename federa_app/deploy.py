@@ -24,6 +24,7 @@ from federa_app import runtime
 from federa_app.certs import DEFAULT_SANS, Credentials, make_credentials
 from federa_app.config import to_flwr_overrides
 from federa_app.errors import ConfigError
+from federa_app.records import unused_path
 from federa_app.runtime import BIN_DIR, Log, RunFailed
 from federa_app.simulate import prepare_run
 
@@ -284,7 +285,7 @@ def deploy_local(
         )  # fmt: skip
         runtime.follow(dep.runner, run_dir, cfg.num_server_rounds, log, watch)
         if run_dir.exists():
-            keep_logs(home, run_dir / "logs")
+            keep_logs(home, unused_path(run_dir / "logs"))
         if not runtime.finished(run_dir):
             raise RunFailed(runtime.failure_reason(run_log, home / "superlink.log"))
         return run_dir

@@ -20,6 +20,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
 PLOT_FILE = "accuracy.png"
+WIRE_FILE = "wire.jsonl"
 
 
 def runs_root(output_dir: str) -> Path:
@@ -38,11 +39,16 @@ def default_run_name(cfg: RunConfig, run_id: int) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{dataset}-{run_id}"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file and rename it into place, so readers never see half a file."""
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file and rename it into place, so readers never see half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    _write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 class RunDirectory:
@@ -63,6 +69,24 @@ class RunDirectory:
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
 
+    @classmethod
+    def reopen(cls, path: Path, last_round: int, rows: list[dict[str, Any]]) -> RunDirectory:
+        """A run directory to continue after `last_round`: its metrics.jsonl (and wire.jsonl)
+        are cut back to what the checkpoint holds, as a run killed mid-round may have written
+        more; summary.json, if any, is replaced when the continued run finishes."""
+        run_dir = cls(path)
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        _write_text_atomic(run_dir.path / METRICS_FILE, lines)
+        wire = run_dir.path / WIRE_FILE
+        if wire.exists():
+            kept = [
+                line
+                for line in wire.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["round"] <= last_round
+            ]
+            _write_text_atomic(wire, "".join(kept))
+        return run_dir
+
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.path / CONFIG_FILE, config)
 
@@ -76,6 +100,15 @@ class RunDirectory:
     @property
     def adapter_dir(self) -> Path:
         return self.path / ADAPTER_DIR
+
+
+def unused_path(path: Path) -> Path:
+    """`path`, or `name-2.ext`, `name-3.ext`... if taken (a resumed run keeps the first logs)."""
+    candidate, n = Path(path), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -140,6 +140,8 @@ def _terminate_then_kill(processes: list) -> None:
 def progress_line(row: dict[str, Any], rounds: int) -> str:
     """One line per finished round, as `federa simulate` and `federa deploy` print it."""
     failed = f"  failed {row['failures']}" if row.get("failures") else ""
+    failed += f"  rejected {row['rejected']}" if row.get("rejected") else ""
+    failed += "  (not counted: model unchanged)" if row.get("counted") is False else ""
     return (
         f"round {row['round']:>3}/{rounds}  accuracy {row['accuracy']:.4f}  "
         f"macro-F1 {row['macro_f1']:.4f}  loss {row['loss']:.4f}  "
@@ -156,8 +158,9 @@ def follow(
     watch: Callable[[], None] = lambda: None,
 ) -> None:
     """Print each round as the ServerApp writes it, until `flwr run` exits; `watch` runs each
-    second (deploy checks its SuperNodes there)."""
-    shown = 0
+    second (deploy checks its SuperNodes there). Rows already there (a resumed run's) are not
+    shown again."""
+    shown = len(read_metrics(run_dir))
     while runner.poll() is None:
         time.sleep(1)
         watch()

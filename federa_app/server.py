@@ -7,14 +7,17 @@ import logging
 import random
 import time
 from collections import Counter
+from pathlib import Path
 
 import flwr
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from federa_app import data
+from federa_app import checkpoint, data
+from federa_app.client import TRAIN_METRIC_KEYS
 from federa_app.config import parse_run_config
 from federa_app.edge import TARGET_FIELDS, EdgeLink, edge_round_seconds, time_to_target
 from federa_app.models import (
@@ -31,13 +34,16 @@ from federa_app.models import (
     trainable_state,
     write_labels,
 )
-from federa_app.records import PLOT_FILE, RunDirectory, plot_accuracy
+from federa_app.privacy import dp_reply_metric_keys, dp_settings, sampled_per_round, with_dp
+from federa_app.records import PLOT_FILE, WIRE_FILE, RunDirectory, plot_accuracy
 from federa_app.strategies import build_strategy, strategy_settings
 from federa_app.training import evaluate, set_threads
 from federa_app.updates import UpdateTracker, effective_weights
+from federa_app.validation import reject_reason
 from federa_app.wire import Traffic, WireRecorder
 
 PROGRESS_PREFIX = "federa-round"
+ROUND_TIMEOUT = 3600.0  # seconds to wait for a round's replies (Flower's own default)
 
 
 def round_row(
@@ -66,6 +72,8 @@ def round_row(
         "clients": len(replies),
         "failures": len(traffic.failures),
         "failed_nodes": [[node, reason] for node, reason in traffic.failures],
+        "rejected": len(traffic.rejected),
+        "rejected_nodes": [[node, reason] for node, reason in traffic.rejected],
         "client_seconds_max": max(client_seconds, default=0.0),
         "client_seconds_sum": sum(client_seconds),
         "round_seconds": seconds,
@@ -75,19 +83,37 @@ def round_row(
     }
 
 
+def failures_by_round(rows: list[dict]) -> list[dict]:
+    """The summary's list of rounds where nodes failed or replies were rejected, and why."""
+    return [
+        {
+            "round": r["round"],
+            "counted": r["counted"],
+            "failed": r["failed_nodes"],
+            "rejected": r["rejected_nodes"],
+        }
+        for r in rows
+        if r["failed_nodes"] or r["rejected_nodes"]
+    ]
+
+
 def make_train_config(labels: tuple[str, ...] | list[str]) -> ConfigRecord:
     """The train config every node gets: the label names, so a node's own data maps onto ids."""
     return ConfigRecord({data.LABELS_KEY: [str(name) for name in labels]})
 
 
 def run_server(grid: Grid, context: Context) -> None:
-    """Run one federated fine-tuning job and write its run directory."""
+    """Run one federated fine-tuning job (or continue one, `resume-from`); write its run dir."""
     started = time.perf_counter()
     cfg = parse_run_config(context.run_config)
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
+    np.random.seed(cfg.seed)  # Flower's DP wrappers draw their noise from numpy's
     set_threads(cfg)
 
     # Everything that can be wrong with the input is checked before any training starts.
+    resumed = checkpoint.load(Path(cfg.resume_from)) if cfg.resume_from else None
+    if resumed is not None:
+        checkpoint.check_resumable(resumed, cfg)
     model_ref = resolve_model(cfg.model)
     train, test, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     if 0 < cfg.eval_max_examples < len(test):  # a fixed, seeded subset: same for every method
@@ -103,14 +129,22 @@ def run_server(grid: Grid, context: Context) -> None:
             cfg.dirichlet_alpha,
             cfg.classes_per_client,
         )
-    strategy = build_strategy(cfg)
-    run_dir = RunDirectory.create(cfg, context.run_id)
+    base_strategy = build_strategy(cfg)
+    strategy = with_dp(base_strategy, cfg, sampled_per_round(cfg, num_nodes))
+    if resumed is None:
+        run_dir = RunDirectory.create(cfg, context.run_id)
+    else:
+        run_dir = RunDirectory.reopen(Path(cfg.resume_from), resumed.round, resumed.rows)
+        checkpoint.restore_strategy_state(strategy, resumed.strategy_state)
     log(logging.INFO, "federa: run directory %s", run_dir.path)
 
     pretrained_model(model_ref, labels, cfg.seed)  # load once, so svd_seconds is the SVD alone
     svd_start = time.perf_counter()
-    factors = initial_factors(cfg, model_ref, labels) if cfg.uses_svd_init else None
-    svd_seconds = time.perf_counter() - svd_start
+    if resumed is not None:
+        factors, svd_seconds = resumed.factors, resumed.svd_seconds
+    else:
+        factors = initial_factors(cfg, model_ref, labels) if cfg.uses_svd_init else None
+        svd_seconds = time.perf_counter() - svd_start
     model = build_model(cfg, model_ref, labels, factors)
     trainable, total = count_params(model)
     majority_rate = Counter(test["label"]).most_common(1)[0][1] / len(test)
@@ -119,7 +153,7 @@ def run_server(grid: Grid, context: Context) -> None:
             **cfg.to_dict(),
             "model-path": model_ref,
             "resolved-target-modules": target_modules(cfg, model_ref) if cfg.uses_lora else [],
-            "strategy-settings": strategy_settings(strategy, cfg.strategy),
+            "strategy-settings": strategy_settings(base_strategy, cfg.strategy),
             "labels": list(labels),
             "num-nodes": num_nodes,
             "train-examples": len(train),
@@ -134,22 +168,24 @@ def run_server(grid: Grid, context: Context) -> None:
     test_loader = data.make_loader(
         test, load_tokenizer(model_ref), cfg.eval_batch_size, cfg.max_length, False, cfg.seed
     )
-    rows: list[dict] = []
+    rows: list[dict] = list(resumed.rows) if resumed is not None else []
 
     def log_message(record: dict) -> None:
-        with open(run_dir.path / "wire.jsonl", "a") as f:
+        with open(run_dir.path / WIRE_FILE, "a") as f:
             f.write(json.dumps({"round": len(rows), **record}) + "\n")
 
+    metric_keys = TRAIN_METRIC_KEYS + dp_reply_metric_keys(cfg)
     wire = WireRecorder(
         grid,
         ArrayRecord(factors) if factors is not None else None,
         on_message=log_message if cfg.wire_log else None,
+        check=lambda reply, sent: reject_reason(reply, sent, metric_keys, cfg.max_update_norm),
     )
     link = EdgeLink(cfg.device_slowdown, cfg.uplink_mbps, cfg.downlink_mbps)
     updates = UpdateTracker()
     clock = [time.perf_counter()]
 
-    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_round(server_round: int, arrays: ArrayRecord, counted: bool) -> dict:
         eval_start = time.perf_counter()
         traffic = wire.next_round()
         # Aggregation: from the last reply to here (the strategy's aggregate_train runs between).
@@ -161,30 +197,91 @@ def run_server(grid: Grid, context: Context) -> None:
         row = round_row(
             server_round, scores, traffic, now - clock[0], now - eval_start, aggregation
         )
+        row["counted"] = counted
         row["edge_seconds"] = edge_round_seconds(row, link)
         row.update(update)
-        if server_round > 0:  # svd-avg reports how far its and FedAvg's aggregates are from exact
+        if server_round > 0 and counted:  # svd-avg: how far its and FedAvg's aggregates are
             row.update(getattr(strategy, "last_aggregation_errors", {}))
         rows.append(row)
         run_dir.append_metrics(row)
         log(logging.INFO, "%s %s", PROGRESS_PREFIX, row)
-        for node, reason in traffic.failures:
-            log(logging.WARNING, "federa: round %d node %d failed: %s", server_round, node, reason)
-        if server_round > 0 and row["clients"] == 0:
-            reason = traffic.failures[0][1] if traffic.failures else "no node was sampled"
-            raise RuntimeError(f"round {server_round} got no results: {reason}")
         clock[0] = time.perf_counter()
-        return MetricRecord({k: scores[k] for k in ("accuracy", "macro_f1", "loss")})
+        return row
 
-    result = strategy.start(
-        grid=wire,
-        initial_arrays=ArrayRecord(trainable_state(model)),
-        num_rounds=cfg.num_server_rounds,
-        train_config=make_train_config(labels),
-        evaluate_fn=evaluate_round,
-    )
+    def save_checkpoint(
+        server_round: int, arrays: ArrayRecord, previous: ArrayRecord | None
+    ) -> None:
+        checkpoint.save(
+            run_dir.path,
+            checkpoint.Checkpoint(
+                round=server_round,
+                arrays=arrays.to_torch_state_dict(),
+                previous_arrays=previous.to_torch_state_dict() if previous is not None else None,
+                strategy_state=checkpoint.strategy_state(strategy),
+                rng=checkpoint.rng_state(),
+                rows=rows,
+                factors=factors,
+                config=cfg.to_dict(),
+                wall_seconds=wall_before + time.perf_counter() - started,
+                svd_seconds=svd_seconds,
+                resumed_after=resumed_after,
+            ),
+        )
 
-    load_trainable_state(model, result.arrays.to_torch_state_dict())
+    if resumed is None:
+        wall_before, first_round, resumed_after = 0.0, 1, []
+        arrays, previous = ArrayRecord(trainable_state(model)), None
+        evaluate_round(0, arrays, counted=True)
+        save_checkpoint(0, arrays, None)
+    else:
+        wall_before, first_round = resumed.wall_seconds, resumed.round + 1
+        resumed_after = [*resumed.resumed_after, resumed.round]
+        arrays = ArrayRecord(resumed.arrays)
+        previous = ArrayRecord(resumed.previous_arrays) if resumed.previous_arrays else None
+        for state in (previous, arrays):  # the update tracker sees the rounds it missed
+            if state is not None:
+                load_trainable_state(model, state.to_torch_state_dict())
+                updates.observe(effective_weights(model))
+        checkpoint.restore_rng(resumed.rng)  # last: loading and building drew from them
+        log(logging.INFO, "federa: resuming after round %d", resumed.round)
+
+    any_counted = any(r["counted"] for r in rows[1:])
+    train_config = make_train_config(labels)
+    # Flower's Strategy.start always begins at round 1 and aggregates whatever it gets; our loop
+    # can start after a checkpoint and decides itself whether a round counts (min-train-nodes).
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
+        log(logging.INFO, "[ROUND %s/%s]", server_round, cfg.num_server_rounds)
+        messages = strategy.configure_train(server_round, arrays, train_config, wire)
+        replies = list(wire.send_and_receive(messages, timeout=ROUND_TIMEOUT))
+        traffic = wire.traffic
+        for what, entries in (("failed", traffic.failures), ("rejected", traffic.rejected)):
+            for node, reason in entries:
+                log(logging.WARNING, "federa: round %d node %d %s: %s", server_round, node, what,
+                    reason)  # fmt: skip
+        counted = len(replies) >= max(cfg.min_train_nodes, 1)
+        if not counted and not replies and not any_counted and not traffic.rejected:
+            # Every node failing before any round counted is a broken ClientApp, not bad luck.
+            reason = traffic.failures[0][1] if traffic.failures else "no node was sampled"
+            evaluate_round(server_round, arrays, counted=False)
+            raise RuntimeError(f"round {server_round} got no results: {reason}")
+        new_arrays = strategy.aggregate_train(server_round, replies)[0] if counted else None
+        if new_arrays is None:
+            log(
+                logging.WARNING,
+                "federa: round %d does not count (%d sound replies, min-train-nodes %d): "
+                "the global model stays as it was",
+                server_round,
+                len(replies),
+                cfg.min_train_nodes,
+            )
+            counted = False
+        previous = arrays  # the update metrics compare with the last round, counted or not
+        if new_arrays is not None:
+            arrays, any_counted = new_arrays, True
+        evaluate_round(server_round, arrays, counted)
+        save_checkpoint(server_round, arrays, previous)
+
+    load_trainable_state(model, arrays.to_torch_state_dict())
     save_final_model(model, cfg, run_dir.adapter_dir, factors)
     write_labels(run_dir.adapter_dir, labels)
     plot_accuracy(
@@ -210,12 +307,18 @@ def run_server(grid: Grid, context: Context) -> None:
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "failures_total": sum(r["failures"] for r in rows),
+            "rejected_total": sum(r["rejected"] for r in rows),
+            "rounds_not_counted": [r["round"] for r in rows[1:] if not r["counted"]],
+            "failures_by_round": failures_by_round(rows),
             "learning_rate": cfg.learning_rate,
+            **dp_settings(strategy, cfg),
+            "max_update_norm": cfg.max_update_norm,
+            "resumed_after_rounds": resumed_after,
             "svd_seconds": svd_seconds,
             "edge_seconds_total": sum(r["edge_seconds"] for r in rows),
             "target_accuracy": cfg.target_accuracy,
             **(time_to_target(rows, cfg.target_accuracy, link) or dict.fromkeys(TARGET_FIELDS)),
-            "wall_seconds": time.perf_counter() - started,
+            "wall_seconds": wall_before + time.perf_counter() - started,
             "run_dir": str(run_dir.path),
         }
     )

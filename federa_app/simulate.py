@@ -9,6 +9,7 @@ it knows the PID to stop and leaves the user's ~/.flwr alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,11 +19,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from federa_app import data, runtime
-from federa_app.config import RunConfig, parse_run_config, to_flwr_overrides
+from federa_app import checkpoint, data, runtime
+from federa_app.config import DEFAULTS, RunConfig, parse_run_config, to_flwr_overrides
 from federa_app.errors import ConfigError
 from federa_app.models import check_model_fits, resolve_model
-from federa_app.records import read_metrics, runs_root
+from federa_app.privacy import sampled_per_round, with_dp
+from federa_app.records import CONFIG_FILE, read_metrics, runs_root, unused_path
 from federa_app.runtime import BIN_DIR, Log, RunFailed
 from federa_app.strategies import build_strategy
 
@@ -52,7 +54,8 @@ def validate(cfg: RunConfig, num_clients: int) -> None:
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # building it logs "federated evaluation skipped"
     try:
-        build_strategy(cfg)  # fails on a strategy parameter the strategy does not have
+        # Fails on a strategy parameter the strategy lacks, or DP settings Flower refuses.
+        with_dp(build_strategy(cfg), cfg, sampled_per_round(cfg, num_clients))
     finally:
         flwr_logger.setLevel(level)
     model_ref = resolve_model(cfg.model)
@@ -89,13 +92,39 @@ def result_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def resume_overrides(run_dir: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that continue `run_dir`: its checkpointed config, then the caller's."""
+    run_dir = Path(run_dir).resolve()
+    saved = checkpoint.load(run_dir).config
+    return {
+        **{key: value for key, value in saved.items() if key in DEFAULTS},
+        **overrides,
+        "resume-from": str(run_dir),
+        "output-dir": str(run_dir.parent),
+        "run-name": run_dir.name,
+    }
+
+
+def resume_nodes(run_dir: str | Path) -> int:
+    """How many nodes the run to be resumed had (its config.json's num-nodes)."""
+    config = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+    return int(config.get("num-nodes") or 2)
+
+
 def prepare_run(
     overrides: dict[str, Any] | None, output_dir: str | Path, app_dir: Path | None, nodes: int
 ) -> tuple[Path, dict[str, Any], RunConfig, Path]:
     """Resolve and check a run before anything starts: the app, the overrides (absolute
-    output-dir, a run name), the config, and a run directory that is new or empty."""
+    output-dir, a run name), the config, and a run directory that is new or empty (or, with
+    `resume-from`, a run directory whose checkpoint this config may continue)."""
     app_dir = Path(app_dir or default_app_dir()).resolve()
     overrides = dict(overrides or {})
+    if overrides.get("resume-from"):
+        overrides = resume_overrides(overrides["resume-from"], overrides)
+        cfg = parse_run_config({**app_defaults(app_dir), **overrides})
+        checkpoint.check_resumable(checkpoint.load(Path(cfg.resume_from)), cfg)
+        validate(cfg, nodes)
+        return app_dir, overrides, cfg, Path(cfg.resume_from)
     overrides["output-dir"] = str(Path(overrides.get("output-dir") or output_dir).resolve())
     cfg = parse_run_config({**app_defaults(app_dir), **overrides})
     if not cfg.run_name:
@@ -128,7 +157,8 @@ def simulate(
     superlink_log = flwr_home / "superlink.log"
     run_log = flwr_home / "flwr-run.log"
     superlink = runner = None
-    log(f"federa: {num_clients} clients, {cfg.method} on {cfg.dataset}, run directory {run_dir}")
+    resuming = f", resuming {run_dir}" if cfg.resume_from else f", run directory {run_dir}"
+    log(f"federa: {num_clients} clients, {cfg.method} on {cfg.dataset}{resuming}")
     try:
         superlink = runtime.start(
             [str(BIN_DIR / "flower-superlink"), "--insecure", "--simulation",
@@ -146,7 +176,7 @@ def simulate(
         )  # fmt: skip
         runtime.follow(runner, run_dir, cfg.num_server_rounds, log)
         if run_dir.exists():
-            shutil.copy(run_log, run_dir / "flwr.log")
+            shutil.copy(run_log, unused_path(run_dir / "flwr.log"))
         if not runtime.finished(run_dir):
             raise RunFailed(runtime.failure_reason(run_log, superlink_log))
         return run_dir

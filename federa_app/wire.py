@@ -1,7 +1,8 @@
-"""What crosses the wire: a Grid wrapper that ships FeDeRA's factors once and counts every byte.
+"""What crosses the wire: a Grid wrapper that ships FeDeRA's factors once, counts every byte and
+drops the replies that fail validation.
 
-Flower's strategies talk to the nodes only through `grid.send_and_receive`, so wrapping the Grid
-sees every message of every strategy without touching the strategies themselves.
+Flower's strategies talk to the nodes only through the Grid, so wrapping it sees every message of
+every strategy without touching the strategies themselves.
 """
 
 from __future__ import annotations
@@ -29,16 +30,23 @@ class Traffic:
     bytes_up: int = 0
     reply_metrics: list[dict[str, float]] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)  # (node, reason)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (node, why), validation
     # Per replying client: [ClientApp seconds, bytes it sent, bytes it was sent] (edge time model).
     client_costs: list[list[float]] = field(default_factory=list)
     replies_at: float | None = None  # when the last non-empty exchange returned (perf_counter)
 
 
+# Gets a reply and the ArrayRecords its node was sent; returns why to reject it, or None.
+ReplyCheck = Callable[[Message, dict[str, ArrayRecord]], str | None]
+
+
 class WireRecorder(Grid):
     """Delegates to the real Grid; adds the initial factors to a node's first message; counts.
 
-    A node is marked as holding the factors only once it has replied without error, so a node
-    whose first round failed gets them again.
+    `send_and_receive` returns only the replies fit to aggregate: error replies are recorded as
+    failures, replies `check` objects to as rejected (Flower's DP wrappers skip a whole round
+    when a single reply is an error). A node is marked as holding the factors only once it has
+    replied without error, so a node whose first round failed gets them again.
     """
 
     def __init__(
@@ -46,9 +54,11 @@ class WireRecorder(Grid):
         grid: Grid,
         init_factors: ArrayRecord | None = None,
         on_message: Callable[[dict], None] | None = None,
+        check: ReplyCheck | None = None,
     ) -> None:
         self._grid = grid
         self._on_message = on_message  # gets one dict per message sent or received
+        self._check = check
         self._init_factors = init_factors
         self._nodes_with_factors: set[int] = set()
         self.traffic = Traffic()
@@ -81,12 +91,18 @@ class WireRecorder(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Send (adding factors where a node lacks them), then count the replies."""
+        """Send (adding factors where a node lacks them), count, return the sound replies."""
         outgoing = [self._with_factors(m) for m in messages]
         sent: dict[int, int] = {}
+        sent_arrays: dict[int, dict[str, ArrayRecord]] = {}
         for message in outgoing:
             node, size = message.metadata.dst_node_id, content_bytes(message.content)
             sent[node] = sent.get(node, 0) + size
+            sent_arrays[node] = {
+                key: record
+                for key, record in message.content.array_records.items()
+                if key != INIT_FACTORS_KEY
+            }
             self.traffic.bytes_down += size
             self._report("down", node, message.content)
         replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
@@ -96,6 +112,7 @@ class WireRecorder(Grid):
         # node a reply is about is the destination of the message it replies to.
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing}
         answered = set()
+        sound = []
         for reply in replies:
             node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
@@ -106,6 +123,11 @@ class WireRecorder(Grid):
             size = content_bytes(reply.content)
             self.traffic.bytes_up += size
             self._report("up", node, reply.content)
+            reason = self._check(reply, sent_arrays.get(node, {})) if self._check else None
+            if reason is not None:
+                self.traffic.rejected.append((node, reason))
+                continue
+            sound.append(reply)
             seconds = 0.0
             for metrics in reply.content.metric_records.values():
                 self.traffic.reply_metrics.append(dict(metrics))
@@ -114,7 +136,7 @@ class WireRecorder(Grid):
         for message in outgoing:
             if message.metadata.dst_node_id not in answered:
                 self.traffic.failures.append((message.metadata.dst_node_id, "no reply (timeout)"))
-        return replies
+        return sound
 
     def _report(self, direction: str, node: int, content: RecordDict) -> None:
         if self._on_message is None:
