@@ -73,8 +73,9 @@ class RunDirectory:
     def reopen(cls, path: Path, last_round: int, rows: list[dict[str, Any]]) -> RunDirectory:
         """A run directory to continue after `last_round`: its metrics.jsonl (and wire.jsonl)
         are cut back to what the checkpoint holds, as a run killed mid-round may have written
-        more; summary.json, if any, is replaced when the continued run finishes."""
+        more; a finished run's summary.json is kept under another name (`retire_summary`)."""
         run_dir = cls(path)
+        retire_summary(run_dir.path)
         lines = "".join(json.dumps(row) + "\n" for row in rows)
         _write_text_atomic(run_dir.path / METRICS_FILE, lines)
         wire = run_dir.path / WIRE_FILE
@@ -100,6 +101,14 @@ class RunDirectory:
     @property
     def adapter_dir(self) -> Path:
         return self.path / ADAPTER_DIR
+
+
+def retire_summary(run_dir: Path) -> None:
+    """Rename a finished run's summary.json before the run is continued (`summary-2.json`...):
+    kept, and a directory without summary.json reads as unfinished until the new one lands."""
+    summary = Path(run_dir) / SUMMARY_FILE
+    if summary.exists():
+        os.replace(summary, unused_path(summary))
 
 
 def unused_path(path: Path) -> Path:

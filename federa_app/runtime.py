@@ -95,7 +95,7 @@ def wait_healthy(
     raise RunFailed(f"flower-superlink did not become healthy in 60 s; see {log_file}")
 
 
-def stop(process: subprocess.Popen | None) -> None:
+def stop(process: subprocess.Popen | None, grace: float = 15.0) -> None:
     """Stop a process we started and all its descendants (ServerApp, ClientApps, Ray).
 
     Killing the process group is not enough: flower-superexec starts its own session, so
@@ -110,7 +110,7 @@ def stop(process: subprocess.Popen | None) -> None:
         family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
     except psutil.NoSuchProcess:
         return
-    _terminate_then_kill(family)
+    _terminate_then_kill(family, grace)
     process.poll()  # reap our direct child
 
 
@@ -119,8 +119,8 @@ def stop_orphans(processes: set) -> None:
     _terminate_then_kill([p for p in processes if p.is_running()])  # also rules out reused PIDs
 
 
-def _terminate_then_kill(processes: list) -> None:
-    """SIGTERM each process, give them 15 s to exit, then SIGKILL the rest."""
+def _terminate_then_kill(processes: list, grace: float = 15.0) -> None:
+    """SIGTERM each process, give them `grace` seconds to exit, then SIGKILL the rest."""
     import psutil
 
     for proc in processes:
@@ -128,7 +128,7 @@ def _terminate_then_kill(processes: list) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=15)
+    _, alive = psutil.wait_procs(processes, timeout=grace)
     for proc in alive:
         try:
             proc.kill()
@@ -157,12 +157,14 @@ def follow(
     log: Log,
     watch: Callable[[], None] = lambda: None,
 ) -> None:
-    """Print each round as the ServerApp writes it, until `flwr run` exits; `watch` runs each
-    second (deploy checks its SuperNodes there). Rows already there (a resumed run's) are not
-    shown again."""
+    """Print each round as the ServerApp writes it, until it wrote summary.json or `flwr run`
+    exited; `watch` runs every half second (deploy checks its SuperNodes there). Rows already
+    there (a resumed run's) are not shown again."""
     shown = len(read_metrics(run_dir))
-    while runner.poll() is None:
-        time.sleep(1)
+    # summary.json is the ServerApp's last write: the caller can stop everything then, rather
+    # than wait ~5 s for Flower to tear Ray down and mark the run finished.
+    while runner.poll() is None and not finished(run_dir):
+        time.sleep(0.5)
         watch()
         rows = read_metrics(run_dir)
         for row in rows[shown:]:

@@ -201,7 +201,7 @@ def run_server(grid: Grid, context: Context) -> None:
         row["edge_seconds"] = edge_round_seconds(row, link)
         row.update(update)
         if server_round > 0 and counted:  # svd-avg: how far its and FedAvg's aggregates are
-            row.update(getattr(strategy, "last_aggregation_errors", {}))
+            row.update(getattr(base_strategy, "last_aggregation_errors", {}))
         rows.append(row)
         run_dir.append_metrics(row)
         log(logging.INFO, "%s %s", PROGRESS_PREFIX, row)
