@@ -72,14 +72,20 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> None:
     os.replace(tmp, path)
 
 
-def load(run_dir: Path) -> Checkpoint:
-    """Read a run directory's checkpoint; a one-line ConfigError when there is none."""
+def require(run_dir: Path) -> Path:
+    """The checkpoint file of `run_dir`; a one-line ConfigError when there is none."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError(
             f"resume-from {run_dir}: no {CHECKPOINT_FILE} there (not a run directory, or a run "
             "started before checkpoints existed)"
         )
+    return path
+
+
+def load(run_dir: Path) -> Checkpoint:
+    """Read a run directory's checkpoint; a one-line ConfigError when there is none."""
+    path = require(run_dir)
     data = torch.load(path, weights_only=True, mmap=True)
     if data.get("format") != FORMAT:
         raise ConfigError(f"{path}: checkpoint format {data.get('format')!r}, expected {FORMAT}")

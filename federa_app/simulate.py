@@ -114,8 +114,10 @@ def resume_overrides(run_dir: str | Path, overrides: dict[str, Any]) -> dict[str
 
 
 def resume_nodes(run_dir: str | Path) -> int:
-    """How many nodes the run to be resumed had (its config.json's num-nodes)."""
-    config = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+    """How many nodes the run to be resumed had (its config.json's num-nodes, else 2)."""
+    checkpoint.require(Path(run_dir))
+    config_file = Path(run_dir) / CONFIG_FILE
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return int(config.get("num-nodes") or 2)
 
 

@@ -208,6 +208,15 @@ def test_resume_refuses_a_changed_run_or_one_without_rounds_left(tmp_path):
         checkpoint.load(tmp_path)
 
 
+def test_resume_of_a_directory_without_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    from federa_app.cli import main
+
+    assert main(["simulate", "--resume", str(tmp_path / "nothing")]) == 2
+    assert main(["deploy", "local", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("no checkpoint.pt there" in line for line in err)
+
+
 # --- In a real simulation -------------------------------------------------------------------
 
 FAULTY_CLIENT = '''
