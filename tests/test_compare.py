@@ -38,6 +38,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Co
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("smoke")  # `make test` runs two workers: the smoke grid runs once
 def test_smoke_table_has_a_row_per_cell_from_the_runs(smoke: tuple) -> None:
     out, result = smoke
     grid = load_grid("smoke")
@@ -80,6 +81,7 @@ def test_smoke_table_has_a_row_per_cell_from_the_runs(smoke: tuple) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("smoke")
 def test_rerun_skips_finished_cells(smoke: tuple) -> None:
     out, _ = smoke
     summaries = sorted((out / "runs").glob(f"*/{SUMMARY_FILE}"))
