@@ -29,11 +29,11 @@ NODES ?= 3
 deploy: fetch
 	$(BIN)/federa deploy local --nodes $(NODES) --tls --run-config "num-server-rounds=3"
 
-# Two workers: a Ray simulation leaves the second core idle ~40% of the time (start-up, waits);
-# loadgroup keeps the smoke grid's two tests (one shared run) on one worker.
+# Two workers: a Ray simulation leaves the second core idle ~40% of the time (start-up, waits).
+# loadfile: a file's tests stay on one worker (the smoke grid's two tests share one run).
 TEST_WORKERS ?= 2
 test: fetch
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
