@@ -100,10 +100,10 @@ def result_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def resume_overrides(run_dir: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The overrides that continue `run_dir`: its checkpointed config, then the caller's."""
-    run_dir = Path(run_dir).resolve()
-    saved = checkpoint.load(run_dir).config
+def resume_overrides(
+    run_dir: Path, saved: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The overrides that continue `run_dir`: its checkpointed config `saved`, then the caller's."""
     return {
         **{key: value for key, value in saved.items() if key in DEFAULTS},
         **overrides,
@@ -130,12 +130,14 @@ def prepare_run(
     app_dir = Path(app_dir or default_app_dir()).resolve()
     overrides = dict(overrides or {})
     if overrides.get("resume-from"):
-        overrides = resume_overrides(overrides["resume-from"], overrides)
+        run_dir = Path(overrides["resume-from"]).resolve()
+        saved = checkpoint.load(run_dir)
+        overrides = resume_overrides(run_dir, saved.config, overrides)
         cfg = parse_run_config({**app_defaults(app_dir), **overrides})
-        checkpoint.check_resumable(checkpoint.load(Path(cfg.resume_from)), cfg)
+        checkpoint.check_resumable(saved, cfg)
         validate(cfg, nodes)
-        retire_summary(Path(cfg.resume_from))  # checked: nothing can fail before the run now
-        return app_dir, overrides, cfg, Path(cfg.resume_from)
+        retire_summary(run_dir)  # checked: nothing can fail before the run now
+        return app_dir, overrides, cfg, run_dir
     overrides["output-dir"] = str(Path(overrides.get("output-dir") or output_dir).resolve())
     cfg = parse_run_config({**app_defaults(app_dir), **overrides})
     if not cfg.run_name:
