@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The FeDeRA image: Flower 1.42's SuperExec plus this project and its runtime dependencies.
 #
 # With `--isolation process` (compose.yaml) the SuperLink and the SuperNodes run Flower's own
@@ -43,20 +42,28 @@ USER root
 RUN id -u app >/dev/null 2>&1 \
     || useradd --uid 49999 --home-dir /app --create-home --shell /usr/sbin/nologin app
 
-COPY pyproject.toml README.md /opt/federa/
-COPY federa_app /opt/federa/federa_app
-COPY simulation /opt/federa/simulation
-
-# The project from pyproject.toml, so the image has exactly its dependency set (flwr==1.42.0 is
-# already in the base and stays). federa_app is installed too: the app bundle (FAB) brings its
-# own copy, which is first on sys.path at run time; the installed one gives the `federa` command.
+# Dependencies first, in a layer of their own: pyproject.toml with empty packages installs
+# exactly its dependency set (flwr==1.42.0 is already in the base and stays), so a change to the
+# code alone rebuilds in seconds instead of reinstalling torch and the rest.
 # PIP_BREAK_SYSTEM_PACKAGES only matters on a base whose system Python is pip-protected.
+COPY pyproject.toml README.md /opt/federa/
 RUN set -eu; \
     export PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1; \
     if [ -n "${TORCH_SPEC}" ]; then \
         python3 -m pip install ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "${TORCH_SPEC}"; \
     fi; \
+    mkdir -p /opt/federa/federa_app /opt/federa/simulation; \
+    touch /opt/federa/federa_app/__init__.py /opt/federa/simulation/__init__.py; \
     python3 -m pip install /opt/federa; \
+    rm -rf /opt/federa/federa_app /opt/federa/simulation /opt/federa/build /opt/federa/*.egg-info
+
+# Then the project itself. federa_app is installed too: the app bundle (FAB) brings its own
+# copy, which is first on sys.path at run time; the installed one gives the `federa` command.
+COPY federa_app /opt/federa/federa_app
+COPY simulation /opt/federa/simulation
+RUN set -eu; \
+    export PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1; \
+    python3 -m pip install --no-deps /opt/federa; \
     rm -rf /opt/federa/build /opt/federa/*.egg-info; \
     flower-superexec --version; \
     for cmd in flwr-serverapp flwr-clientapp federa; do command -v "$cmd" >/dev/null; done

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_CLIENTS ?= 10
 DEMO_CONFIG ?= dirichlet-alpha=1.0 num-server-rounds=8 learning-rate=0.002
 
-.PHONY: install fetch demo deploy test lint format bench compare clean
+.PHONY: install fetch demo deploy test lint format bench compare clean docker-check arm64-check
 
 install: $(BIN)/.installed
 
@@ -34,6 +34,17 @@ deploy: fetch
 TEST_WORKERS ?= 2
 test: fetch
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# Real runs that need root, several GB and minutes; not part of `make test` (README: Docker, Edge).
+# docker-check: the image built and compose.yaml's TLS federation run on a Docker engine.
+docker-check: fetch
+	$(BIN)/python deploy/docker_check.py --preflight
+	$(BIN)/python -m pytest -p no:xdist -m docker tests/test_docker_engine.py -s -v
+
+# arm64-check: an emulated arm64 SuperNode trains FeDeRA next to an x86 one (TLS, node auth).
+arm64-check: fetch
+	$(BIN)/python deploy/arm64_check.py --preflight
+	$(BIN)/python -m pytest -p no:xdist -m arm64 tests/test_arm64.py -s -v
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

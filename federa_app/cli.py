@@ -67,6 +67,7 @@ def _deploy(args: argparse.Namespace) -> None:
         tls=args.tls,
         isolation=args.isolation,
         node_data=args.node_data,
+        warm_workers=args.warm_workers,
     )
     print(result_table(run_dir))
     print(f"run directory: {run_dir}")
@@ -84,6 +85,12 @@ def _certs(args: argparse.Namespace) -> None:
         print(f"supernode-{index} key pair   {key}, {creds.node_public_key(index)}")
     print("keep ca.key, server.key and supernode-*.key secret; register each node with")
     print("  flwr supernode register supernode-N.pub <connection>")
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from federa_app.warm_worker import run_worker
+
+    run_worker(args.socket, args.threads)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -204,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--output-dir", default="runs", help="parent of the run directory (runs)")
     dep.add_argument("--app", type=Path, default=None, help="Flower app directory (this one)")
     dep.add_argument("--resume", metavar="RUN_DIR", help=RESUME_HELP)
+    dep.add_argument(
+        "--warm-workers", action="store_true",
+        help="a warm worker next to each SuperNode (`federa worker`): no per-message imports",
+    )  # fmt: skip
     dep.set_defaults(func=_deploy)
 
     certs = sub.add_parser("certs", help="make a CA, SuperLink certificate and node key pairs")
@@ -216,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=int, default=365, help="validity in days (365)")
     certs.add_argument("--overwrite", action="store_true", help="replace existing files")
     certs.set_defaults(func=_certs)
+
+    work = sub.add_parser(
+        "worker",
+        help="a node's warm worker: keeps torch and the model loaded between train messages",
+        description="Serve one SuperNode's train messages on a Unix socket, with the training "
+        "libraries loaded once; start the SuperNode with --node-config "
+        "'warm-worker=\"PATH\"'. Stops on SIGINT/SIGTERM, removing the socket.",
+    )
+    work.add_argument(
+        "--socket", required=True, metavar="PATH",
+        help="the socket to create (mode 0600; its directory must be private to this user)",
+    )  # fmt: skip
+    work.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="torch threads (default: OMP_NUM_THREADS, else all CPUs; num-threads in the run "
+        "config wins, as in the ClientApp)",
+    )  # fmt: skip
+    work.set_defaults(func=_worker)
 
     comp = sub.add_parser("compare", help="run a grid of simulations; tables and plots")
     comp.add_argument("grid", help="preset (smoke, quick, sweep, paper) or a TOML grid file")

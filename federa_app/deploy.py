@@ -30,15 +30,19 @@ from federa_app.simulate import prepare_run
 
 ISOLATIONS = ("subprocess", "process")
 NODES_ONLINE_TIMEOUT = 120.0  # s; a SuperNode connects within a few seconds on loopback
+WORKER_READY_TIMEOUT = 300.0  # s; a warm worker imports torch, transformers and peft first
+WORKER_READY = "federa worker: ready"
 
 
 @dataclass(frozen=True)
 class NodeNetwork:
     """Where a SuperNode runs: a command prefix (e.g. `ip netns exec NS` for a network
-    namespace behind a rate-limited link) and the SuperLink's address as seen from there."""
+    namespace behind a rate-limited link, or `chroot ROOTFS` for an arm64 node under qemu), the
+    SuperLink's address as seen from there, and where Flower's commands are found there."""
 
     prefix: tuple[str, ...] = ()
     superlink_host: str = "127.0.0.1"
+    bin_dir: Path = BIN_DIR
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Deployment:
     superlink_exec: subprocess.Popen | None = None
     nodes: list[Node] | None = None
     runner: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)  # --warm-workers, per node
 
     def stop(self) -> None:
         """Stop everything started, newest first (the run, nodes, then the SuperLink)."""
@@ -84,6 +89,8 @@ class Deployment:
             runtime.stop(node.superexec)
             runtime.stop(node.process)
             runtime.stop_orphans(node.children)
+        for worker in self.workers:
+            runtime.stop(worker)
         runtime.stop(self.superlink_exec)
         runtime.stop(self.superlink)
 
@@ -95,10 +102,52 @@ class Deployment:
         )  # fmt: skip
 
 
-def node_config(index: int, nodes: int, data: str | None) -> str:
-    """The `--node-config` of SuperNode `index`: its partition and, if given, its own data."""
+def node_config(index: int, nodes: int, data: str | None, warm_worker: Path | None = None) -> str:
+    """The `--node-config` of SuperNode `index`: its partition and, if given, its own data and
+    its warm worker's socket."""
     config = f"partition-id={index - 1} num-partitions={nodes}"
-    return config + (f' data="{data}"' if data else "")
+    config += f' data="{data}"' if data else ""
+    return config + (f' warm-worker="{warm_worker}"' if warm_worker else "")
+
+
+def worker_socket(dep: Deployment, index: int) -> Path:
+    """Where SuperNode `index`'s warm worker listens: in the deployment's private home (0700)."""
+    return dep.home / "workers" / f"node-{index}.sock"
+
+
+def start_worker(
+    dep: Deployment, index: int, nodes: int, network: NodeNetwork = NodeNetwork()
+) -> subprocess.Popen:
+    """Start SuperNode `index`'s warm worker (`federa worker`) where the node runs, with its
+    threads. The socket path must mean the same file to the worker and the node's ClientApps."""
+    threads = max(1, len(os.sched_getaffinity(0)) // nodes)  # as start_node gives the node
+    return runtime.start(
+        [*network.prefix, str(network.bin_dir / "federa"), "worker",
+         "--socket", str(worker_socket(dep, index)), "--threads", str(threads)],
+        dep.home / f"worker-{index}.log", {**dep.env, "OMP_NUM_THREADS": str(threads)}, dep.home,
+    )  # fmt: skip
+
+
+def wait_for_workers(dep: Deployment, log: Log) -> None:
+    """Wait until every warm worker printed its ready line; fail fast when one exits."""
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT
+    pending = dict(enumerate(dep.workers, 1))
+    while pending and time.monotonic() < deadline:
+        for index, worker in list(pending.items()):
+            log_file = dep.home / f"worker-{index}.log"
+            text = log_file.read_text(errors="replace") if log_file.exists() else ""
+            if WORKER_READY in text:
+                del pending[index]
+            elif worker.poll() is not None:
+                last = (text.strip().splitlines() or ["(empty log)"])[-1][:300]
+                raise RunFailed(f"warm worker {index} exited with code {worker.returncode}: {last}")
+        time.sleep(0.5)
+    if pending:
+        raise RunFailed(
+            f"warm workers {sorted(pending)} were not ready in {WORKER_READY_TIMEOUT:.0f} s; "
+            f"see the logs in {dep.home}"
+        )
+    log(f"federa: {len(dep.workers)} warm workers ready")
 
 
 def start_superlink(dep: Deployment, isolation: str, host: str = "127.0.0.1") -> None:
@@ -127,6 +176,7 @@ def start_superexec(
     name: str,
     via_superlink: bool,
     prefix: tuple[str, ...] = (),
+    bin_dir: Path = BIN_DIR,
 ) -> subprocess.Popen:
     """A SuperExec that runs the apps a SuperLink or SuperNode hands it (process isolation)."""
     tls = (
@@ -134,7 +184,7 @@ def start_superexec(
         if via_superlink and dep.credentials else ["--insecure"]
     )  # fmt: skip
     return runtime.start(
-        [*prefix, str(BIN_DIR / "flower-superexec"), "--runtime-api-address", address, *tls],
+        [*prefix, str(bin_dir / "flower-superexec"), "--runtime-api-address", address, *tls],
         dep.home / f"superexec-{name}.log", dep.env, dep.home,
     )  # fmt: skip
 
@@ -155,8 +205,10 @@ def start_node(
     data: str | None,
     key: Path | None,
     network: NodeNetwork = NodeNetwork(),
+    warm_worker: Path | None = None,
 ) -> Node:
-    """Start SuperNode `index` (1-based) on its own port."""
+    """Start SuperNode `index` (1-based) on its own port; its ClientApps forward their train
+    messages to the warm worker at `warm_worker` (a socket) when given."""
     creds = dep.credentials
     security = ["--root-certificates", str(creds.ca_cert)] if creds else ["--insecure"]
     if key is not None:
@@ -166,16 +218,16 @@ def start_node(
     # N nodes share this machine's cores, as Ray's clients do in simulation (set_threads reads it).
     env = {**dep.env, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nodes))}
     process = runtime.start(
-        [*network.prefix, str(BIN_DIR / "flower-supernode"), *security,
+        [*network.prefix, str(network.bin_dir / "flower-supernode"), *security,
          "--superlink", f"{network.superlink_host}:{dep.port}",
          "--port", str(port), "--isolation", isolation,
-         "--node-config", node_config(index, nodes, data)],
+         "--node-config", node_config(index, nodes, data, warm_worker)],
         log_file, env, dep.home,
     )  # fmt: skip
     node = Node(index, port, process, log_file)
     if isolation == "process":
         node.superexec = start_superexec(
-            dep, f"127.0.0.1:{port}", f"supernode-{index}", False, network.prefix
+            dep, f"127.0.0.1:{port}", f"supernode-{index}", False, network.prefix, network.bin_dir
         )
     return node
 
@@ -229,11 +281,14 @@ def deploy_local(
     node_data: Sequence[str] = (),
     log: Log = print,
     networks: Sequence[NodeNetwork] = (),
+    warm_workers: bool = False,
 ) -> Path:
     """Run one job on a loopback SuperLink + `nodes` SuperNodes; return its run directory.
 
     `networks` (one per node) runs the SuperNodes elsewhere, e.g. in network namespaces
     (simulation/bench_deploy.py --netns); the SuperLink then listens on all interfaces.
+    `warm_workers` starts a warm worker (`federa worker`) next to each SuperNode and sets the
+    node's `warm-worker` node config to its socket (federa_app/warm_worker.py).
     """
     if isolation not in ISOLATIONS:
         raise ConfigError(f"--isolation '{isolation}' is not one of: {', '.join(ISOLATIONS)}")
@@ -259,7 +314,13 @@ def deploy_local(
     log(f"federa: {cfg.method} on {cfg.dataset}, run directory {run_dir}")
     run_log = home / "flwr-run.log"
     try:
-        start_superlink(dep, isolation, "0.0.0.0" if networks else "127.0.0.1")
+        remote = any(n.superlink_host != "127.0.0.1" for n in networks)
+        if warm_workers:  # first: their imports overlap the SuperLink's and the nodes' start
+            dep.workers = [
+                start_worker(dep, i, nodes, networks[i - 1] if networks else NodeNetwork())
+                for i in range(1, nodes + 1)
+            ]
+        start_superlink(dep, isolation, "0.0.0.0" if remote else "127.0.0.1")
         dep.nodes = []
         for index in range(1, nodes + 1):
             if credentials:
@@ -267,7 +328,10 @@ def deploy_local(
             key = credentials.node_keys[index - 1] if credentials else None
             data = node_data[index - 1] if node_data else None
             network = networks[index - 1] if networks else NodeNetwork()
-            dep.nodes.append(start_node(dep, index, nodes, isolation, data, key, network))
+            sock = worker_socket(dep, index) if warm_workers else None
+            dep.nodes.append(start_node(dep, index, nodes, isolation, data, key, network, sock))
+        if warm_workers:
+            wait_for_workers(dep, log)
         wait_for_nodes(dep, log)
 
         def watch() -> None:  # a SuperNode that dies mid-run is announced once; the run goes on

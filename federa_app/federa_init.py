@@ -7,8 +7,9 @@ The scheme (DESIGN.md, decision 1):
    keeps only the initial factors A0 (r x in) and B0 (out x r) of every adapted matrix.
 2. Every party, server included, builds the same model from the *unmodified* base weights with a
    cheap standard LoRA init and calls `apply_initial_factors`: lora_A <- A0, lora_B <- B0 and
-   W_res <- W - scaling * B0 @ A0, computed in float64 and rounded once to W's dtype so that the
-   residual does not depend on the BLAS build's fp32 summation order.
+   W_res <- W - scaling * B0 @ A0, computed in float64 in a fixed order of elementwise operations
+   and rounded once to W's dtype, so that the residual is bit-identical on every platform (an
+   x86 server and an arm64 node: BLAS builds sum a matmul in different orders).
 3. The factors travel once per node per run: the server's `WireRecorder` adds them to the first
    message a node receives (counted in `bytes_down`) and the client keeps them in `context.state`.
    A node first sampled in round 17 thus gets bit-for-bit the residual a round-1 node got.
@@ -17,6 +18,7 @@ The scheme (DESIGN.md, decision 1):
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -58,9 +60,29 @@ def compute_initial_factors(
 def residual_weight(
     weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """W_res = W - scaling * B0 @ A0, in float64 then rounded once to W's dtype."""
-    delta = b0.double() @ a0.double()
+    """W_res = W - scaling * B0 @ A0, bit-identical on every platform, rounded once to W's dtype.
+
+    By hand, not `b0 @ a0`: a BLAS matmul's summation order differs between builds (x86 MKL or
+    OpenBLAS, arm64 NEON kernels), even in float64. Here each rank-1 term is an exact float64
+    product of two float32 numbers and the terms are added in rank order, each operation
+    correctly rounded (IEEE 754), so every machine computes the same bits.
+    """
+    a64, b64 = a0.double(), b0.double()
+    delta = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+    for k in range(a64.shape[0]):
+        delta.add_(torch.outer(b64[:, k], a64[k]))
     return (weight.double() - scaling * delta).to(weight.dtype)
+
+
+def residual_digest(model: nn.Module) -> str:
+    """sha256 of every LoRA layer's frozen base weight (W_res), in module order: equal digests on
+    two machines mean bit-identical residuals."""
+    digest = hashlib.sha256()
+    for name, layer in lora_layers(model).items():
+        weight = layer.get_base_layer().weight.detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(weight.numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()

@@ -80,6 +80,7 @@ def round_row(
         "eval_seconds": eval_seconds,
         "aggregation_seconds": aggregation_seconds,
         "client_costs": traffic.client_costs,
+        "nodes": traffic.nodes,
     }
 
 

@@ -15,6 +15,9 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 INIT_FACTORS_KEY = "federa-init"
+# A train reply's ConfigRecord describing the node (client.node_report); recorded per round and
+# taken off the reply before any strategy sees it.
+NODE_REPORT_KEY = "federa-node"
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -34,6 +37,8 @@ class Traffic:
     # Per replying client: [ClientApp seconds, bytes it sent, bytes it was sent] (edge time model).
     client_costs: list[list[float]] = field(default_factory=list)
     replies_at: float | None = None  # when the last non-empty exchange returned (perf_counter)
+    # Per replying node: {"node": id, **its node report, "client_seconds": ...}.
+    nodes: list[dict] = field(default_factory=list)
 
 
 # Gets a reply and the ArrayRecords its node was sent; returns why to reject it, or None.
@@ -120,6 +125,9 @@ class WireRecorder(Grid):
                 self.traffic.failures.append((node, short_reason(reply.error.reason)))
                 continue
             self._nodes_with_factors.add(node)
+            report = reply.content.config_records.get(NODE_REPORT_KEY)
+            if report is not None:  # describes the node; no strategy should see it
+                del reply.content[NODE_REPORT_KEY]
             size = content_bytes(reply.content)
             self.traffic.bytes_up += size
             self._report("up", node, reply.content)
@@ -133,6 +141,8 @@ class WireRecorder(Grid):
                 self.traffic.reply_metrics.append(dict(metrics))
                 seconds = float(metrics.get("client_seconds", seconds))
             self.traffic.client_costs.append([seconds, size, sent.get(node, 0)])
+            report = {"node": node, **dict(report or {}), "client_seconds": seconds}
+            self.traffic.nodes.append(report)
         for message in outgoing:
             if message.metadata.dst_node_id not in answered:
                 self.traffic.failures.append((message.metadata.dst_node_id, "no reply (timeout)"))

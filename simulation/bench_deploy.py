@@ -5,11 +5,15 @@
    server's evaluation, the slowest client's own work, and what is left (deployment overhead).
 2. One train message handled the way a SuperNode handles it in Flower 1.42: a fresh Python
    process imports the ClientApp and runs it once. Printed: interpreter start, imports (per
-   package), and the phases of the handler (data, model, training, reply).
+   package), and the phases of the handler (data, model, training, reply). Then the same with a
+   warm worker (`federa worker`, federa_app/warm_worker.py), started once: every message is
+   again a fresh ClientApp process, which imports only Flower and forwards the message to the
+   worker. Printed: its imports, the exchange with the worker and the worker's own phases.
 Figures are printed, not asserted.
 
     .venv/bin/python simulation/bench_deploy.py [--nodes 3] [--rounds 3] [--methods federa fft]
     .venv/bin/python simulation/bench_deploy.py --skip-runs      # the per-message part only
+    .venv/bin/python simulation/bench_deploy.py --skip-runs --methods federa --warm-messages 6
     sudo .venv/bin/python simulation/bench_deploy.py --netns     # real links: time to target
 
 3. With --netns (root and iproute2 needed): every SuperNode in its own network namespace behind
@@ -42,8 +46,12 @@ PHASES = (
     ("reply tensors out", "federa_app.client", "trainable_state"),
 )
 # The packages the ClientApp imports, heaviest first; flwr_datasets is left to `client_app`
-# (it is imported there only if the node has to compute a partition).
-IMPORT_STEPS = ("torch", "transformers", "peft", "datasets", "flwr")
+# (it is imported there only if the node has to compute a partition). The last step is what
+# the `flwr-clientapp` command imports before it runs anything (Flower's own start; it does not
+# cover its FAB unpacking and its HTTP exchanges with the SuperNode, the same on both paths).
+FLWR_STEPS = (("flwr", "flwr"), ("flwr-clientapp command", "flwr.supernode.cli.flwr_clientapp"))
+IMPORT_STEPS = (*((p, p) for p in ("torch", "transformers", "peft", "datasets")), *FLWR_STEPS)
+HEAVY = ("torch", "transformers", "peft", "datasets", "flwr_datasets")
 
 
 def run_pair(method: str, nodes: int, rounds: int, out: Path, extra: dict) -> dict:
@@ -79,10 +87,10 @@ def message_child(args: argparse.Namespace) -> None:
     """In a fresh process: import the ClientApp, handle one train message, print JSON timings."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    for package in IMPORT_STEPS:  # each step's time is what it adds to the ones before
+    for label, module in IMPORT_STEPS:  # each step's time is what it adds to the ones before
         t = time.perf_counter()
-        __import__(package)
-        timings[f"import {package}"] = time.perf_counter() - t
+        __import__(module)
+        timings[f"import {label}"] = time.perf_counter() - t
     sys.path.insert(0, str(ROOT))
     t = time.perf_counter()
     import client_app  # noqa: F401  (what flwr-clientapp loads from the app bundle)
@@ -92,21 +100,7 @@ def message_child(args: argparse.Namespace) -> None:
 
     timings["imports total"] = time.perf_counter() - started
 
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from federa_app.wire import INIT_FACTORS_KEY
-
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, SUPERLINK_NODE_ID, 1
-    saved = json.loads(Path(args.message_file).read_text())
-    arrays = ArrayRecord(_load_tensors(saved["arrays"]))
-    content = {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **saved["config"]})}
-    if saved.get("factors"):
-        content[INIT_FACTORS_KEY] = ArrayRecord(_load_tensors(saved["factors"]))
-    message = Message(RecordDict(content), dst_node_id=7, message_type="train")
-    context = Context(1, 7, saved["node_config"], {}, saved["run_config"])
-
+    message, context = _message_and_context(json.loads(Path(args.message_file).read_text()))
     for label, module, function in PHASES:
         if hasattr(sys.modules[module], function):  # older versions of the app lack some
             _time_calls(sys.modules[module], function, label, timings)
@@ -115,6 +109,82 @@ def message_child(args: argparse.Namespace) -> None:
     timings["handler total"] = time.perf_counter() - t
     timings["flwr_datasets loaded (1 = yes)"] = float("flwr_datasets" in sys.modules)
     print(json.dumps(timings))
+
+
+def _message_and_context(saved: dict, worker_socket: str = ""):  # noqa: ANN202 - flwr types
+    """The saved train message as the SuperNode hands it to a ClientApp, and the node context.
+
+    The tensors are read as numpy arrays (safetensors.numpy), so that building the message does
+    not import torch: the warm path's ClientApp process must not need it.
+    """
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+    from safetensors.numpy import load_file
+
+    from federa_app.wire import INIT_FACTORS_KEY
+
+    def record(path: str) -> ArrayRecord:
+        return ArrayRecord({name: Array(array) for name, array in load_file(path).items()})
+
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, SUPERLINK_NODE_ID, 1
+    config = ConfigRecord({"server-round": 1, **saved["config"]})
+    content = {"arrays": record(saved["arrays"]), "config": config}
+    if saved.get("factors"):
+        content[INIT_FACTORS_KEY] = record(saved["factors"])
+    message = Message(RecordDict(content), dst_node_id=7, message_type="train")
+    message.metadata.__dict__["_message_id"] = message.object_id  # as the SuperNode delivers it
+    node_config = dict(saved["node_config"])
+    if worker_socket:
+        node_config["warm-worker"] = worker_socket
+    return message, Context(1, 7, node_config, RecordDict(), saved["run_config"])
+
+
+def warm_child(args: argparse.Namespace) -> None:
+    """In a fresh process: the ClientApp forwards one train message to the warm worker; print
+    JSON timings (this process's imports, the exchange, the worker's own figures)."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    for label, module in FLWR_STEPS:
+        t = time.perf_counter()
+        __import__(module)
+        timings[f"import {label}"] = time.perf_counter() - t
+    sys.path.insert(0, str(ROOT))
+    t = time.perf_counter()
+    import client_app  # what flwr-clientapp loads from the app bundle
+    from federa_app import warm_worker
+
+    timings["import client_app (federa_app)"] = time.perf_counter() - t
+    timings["imports total"] = time.perf_counter() - started
+    saved = json.loads(Path(args.warm_child).read_text())
+    message, context = _message_and_context(saved, args.worker_socket)
+    t = time.perf_counter()
+    client_app.app(message, context)
+    timings["handler total (forwarded)"] = time.perf_counter() - t
+    if "worker handler" not in warm_worker.last_exchange:
+        raise SystemExit("bench_deploy: the warm worker did not handle the message (see above)")
+    timings.update(warm_worker.last_exchange)
+    timings["torch etc. imported (1 = yes)"] = float(any(m in sys.modules for m in HEAVY))
+    print(json.dumps(timings))
+
+
+def worker_child(args: argparse.Namespace) -> None:
+    """The warm worker, with the handler's phases timed per message (as in message_child)."""
+    sys.path.insert(0, str(ROOT))  # the same federa_app as the ClientApp processes
+    from federa_app import client
+    from federa_app.warm_worker import run_worker
+
+    phases: dict[str, float] = {}
+    for label, module, function in PHASES:
+        if hasattr(sys.modules[module], function):
+            _time_calls(sys.modules[module], function, label, phases)
+
+    def handler(msg, context):  # noqa: ANN001, ANN202 - flwr types
+        for label in phases:
+            phases[label] = 0.0
+        return client.handle_train(msg, context)
+
+    run_worker(args.worker_child, threads=1, handler=handler, handler_timings=phases)
 
 
 def _time_calls(module: object, name: str, label: str, timings: dict[str, float]) -> None:
@@ -132,14 +202,11 @@ def _time_calls(module: object, name: str, label: str, timings: dict[str, float]
     setattr(module, name, timed)
 
 
-def _load_tensors(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def profile_message(method: str, node_data: str, extra: dict, workdir: Path) -> dict:
-    """Prepare the server's first message for `method`, then time fresh processes handling it."""
+def profile_message(
+    method: str, node_data: str, extra: dict, workdir: Path, messages: int = 4
+) -> tuple[dict, tuple[float, dict]]:
+    """Prepare the server's first message for `method`, then time fresh processes handling it:
+    in the process (as today), then forwarded to a warm worker; `messages` of each."""
     from safetensors.torch import save_file
 
     from federa_app import data
@@ -175,21 +242,70 @@ def profile_message(method: str, node_data: str, extra: dict, workdir: Path) -> 
         **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
         "FEDERA_NODE_CACHE": str(workdir / f"{method}-node-cache"),  # cold for the first message
     }  # fmt: skip
-    samples = []
-    for _ in range(4):
-        t = time.perf_counter()
-        result = subprocess.run(
-            [sys.executable, __file__, "--message-child", str(message_file)],
-            capture_output=True, text=True, check=True, env=env,
+    # The worker starts first; then fresh and warm messages alternate, so that both paths see
+    # the same machine load (a busy machine's timings drift by seconds within minutes).
+    socket_path = workdir / "workers" / f"{method}.sock"
+    worker, ready = _start_worker(socket_path, workdir, method, env)
+    fresh, warm = [], []
+    try:
+        for _ in range(messages):
+            fresh.append(_sample(["--message-child", str(message_file)], env, "handler total"))
+            warm_args = ["--warm-child", str(message_file), "--worker-socket", str(socket_path)]
+            warm.append(_sample(warm_args, env, "handler total (forwarded)"))
+    finally:
+        worker.terminate()  # SIGTERM: the worker stops cleanly, removing its socket
+        worker.wait(60)
+    return _first_and_later(fresh), (ready, _first_and_later(warm))
+
+
+def _start_worker(
+    socket_path: Path, workdir: Path, method: str, env: dict
+) -> tuple[subprocess.Popen, float]:
+    """A warm worker (its own, cold node cache); the seconds until it printed its ready line."""
+    worker_env = {**env, "FEDERA_NODE_CACHE": str(workdir / f"{method}-warm-node-cache")}
+    log_file = workdir / f"{method}-worker.log"
+    started = time.perf_counter()
+    with open(log_file, "w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, __file__, "--worker-child", str(socket_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=worker_env, cwd=workdir,
         )  # fmt: skip
-        timings = json.loads(result.stdout.strip().splitlines()[-1])
-        timings["process wall"] = time.perf_counter() - t
-        timings["interpreter + exit"] = (
-            timings["process wall"] - timings["imports total"] - timings["handler total"]
-        )
-        samples.append(timings)
-    cold, warm = samples[0], samples[1:]
-    return {key: (cold[key], median(s[key] for s in warm)) for key in cold}
+    while "federa worker: ready" not in log_file.read_text():
+        if worker.poll() is not None or time.perf_counter() - started > 600:
+            worker.kill()
+            raise SystemExit(
+                f"bench_deploy: the warm worker did not start:\n{log_file.read_text()[-2000:]}"
+            )
+        time.sleep(0.1)
+    return worker, time.perf_counter() - started
+
+
+def _sample(child_args: list[str], env: dict, handler_key: str) -> dict[str, float]:
+    """One message in a fresh process: its JSON timings, the process wall time and the rest."""
+    t = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, __file__, *child_args], capture_output=True, text=True, env=env
+    )
+    wall = time.perf_counter() - t
+    if result.returncode != 0:
+        raise SystemExit(f"bench_deploy: {child_args[0]} failed:\n{result.stderr[-3000:]}")
+    timings = json.loads(result.stdout.strip().splitlines()[-1])
+    prefix = "worker " if handler_key != "handler total" else ""  # the handler ran there
+    handler = timings[f"{prefix}handler" if prefix else handler_key]
+    phases = [f"{prefix}{label}" for label, _, _ in PHASES if f"{prefix}{label}" in timings]
+    rest = handler - sum(timings[key] for key in phases)  # mostly the rows' disk-cache load
+    items = list(timings.items())
+    at = max(i for i, (key, _) in enumerate(items) if key in phases) + 1 if phases else len(items)
+    timings = dict([*items[:at], (f"{prefix}rest (cached rows etc.)", rest), *items[at:]])
+    timings["process wall"] = wall
+    timings["interpreter + exit"] = wall - timings["imports total"] - timings[handler_key]
+    return timings
+
+
+def _first_and_later(samples: list[dict]) -> dict[str, tuple[float, float]]:
+    """{figure: (the first message's, the median of the later ones')}."""
+    first, later = samples[0], samples[1:] or samples
+    return {key: (first[key], median(s[key] for s in later)) for key in first}
 
 
 def namespaces_possible() -> str:
@@ -300,11 +416,24 @@ def main() -> None:
     parser.add_argument("--mbit", type=float, default=10.0, help="link rate for --netns (10)")
     parser.add_argument("--target", type=float, default=0.7, help="target accuracy (--netns)")
     parser.add_argument("--netns-rounds", type=int, default=6, help="max rounds (--netns)")
+    parser.add_argument(
+        "--warm-messages", type=int, default=4,
+        help="messages per path in the per-message part (4: the first, then the median of 3)",
+    )  # fmt: skip
     parser.add_argument("--message-child", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-child", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-socket", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.message_child:
         args.message_file = args.message_child
         message_child(args)
+        return
+    if args.warm_child:
+        warm_child(args)
+        return
+    if args.worker_child:
+        worker_child(args)
         return
     extra = {"local-steps": args.local_steps, "eval-max-examples": 200, "dirichlet-alpha": 1.0}
     print(
@@ -319,11 +448,26 @@ def main() -> None:
             "\none train message in a fresh process, as Flower 1.42 starts one per message "
             "(1 thread; seconds):"
         )
+        later_note = f"(later: median of {max(args.warm_messages - 1, 1)})"
         for method in args.methods:
-            timings = profile_message(method, args.node_data, extra, Path(tmp))
-            print(f"  {method:<34} {'first':>7} {'later':>7}  (later: median of 3)")
+            timings, (ready, warm) = profile_message(
+                method, args.node_data, extra, Path(tmp), max(args.warm_messages, 2)
+            )
+            print(f"  {method:<34} {'first':>7} {'later':>7}  {later_note}")
             for key, (first, later) in timings.items():
                 print(f"    {key:<32} {first:7.2f} {later:7.2f}")
+            print(
+                f"  {method}, warm worker (ready {ready:.1f} s after its start), each message "
+                "again a fresh ClientApp process forwarding to it:"
+            )
+            for key, (first, later) in warm.items():
+                print(f"    {key:<32} {first:7.2f} {later:7.2f}")
+            fresh_wall, warm_wall = timings["process wall"], warm["process wall"]
+            print(
+                f"  {method}: process wall per message, fresh {fresh_wall[0]:.2f} / "
+                f"{fresh_wall[1]:.2f} s, warm {warm_wall[0]:.2f} / {warm_wall[1]:.2f} s "
+                "(first / later)"
+            )
         if args.skip_runs:
             return
         print(f"\n{args.nodes} nodes x {args.rounds} rounds; means over rounds 2..{args.rounds}")

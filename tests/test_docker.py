@@ -192,7 +192,16 @@ def flwr_pin(requirements: dict[str, Requirement]) -> str:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+    """compose.yaml with every `${VAR:-default}` read as its default (what users get)."""
+    text = (ROOT / "compose.yaml").read_text()
+    return yaml.safe_load(re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text))
+
+
+def test_compose_images_are_overridable_and_default_to_flowers() -> None:
+    text = (ROOT / "compose.yaml").read_text()
+    assert "${FLWR_SUPERLINK_IMAGE:-flwr/superlink:" in text
+    assert "${FLWR_SUPERNODE_IMAGE:-flwr/supernode:" in text
+    assert "${FEDERA_IMAGE:-federa-superexec}" in text
 
 
 @pytest.fixture(scope="module")
@@ -377,9 +386,11 @@ def test_copied_files_build_the_project_with_pyproject_dependencies(
     project_dir = copy_args(pyproject_copy)[1].rstrip("/")
     runs = " ; ".join(ins.args for ins in dockerfile if ins.cmd == "RUN")
     installs = re.findall(r"pip install ([^;&|]*)", runs)
-    assert len(installs) == 2, f"torch and the project, nothing else: {installs}"
+    # torch, the project's dependencies (the project with empty packages), the project itself
+    assert len(installs) == 3, f"torch and the project, nothing else: {installs}"
     assert any(re.fullmatch(r'.*"\$\{TORCH_SPEC\}"\s*', i) for i in installs)
-    assert any(re.fullmatch(rf"(--\S+\s+)*{re.escape(project_dir)}\s*", i) for i in installs)
+    assert any(re.fullmatch(rf"{re.escape(project_dir)}\s*", i) for i in installs)
+    assert any(re.fullmatch(rf"--no-deps\s+{re.escape(project_dir)}\s*", i) for i in installs)
     assert re.search(r'if \[ -n "\$\{TORCH_SPEC\}" \]', runs), "TORCH_SPEC= must skip torch"
 
     _image_tree(dockerfile, tmp_path / "image")

@@ -110,3 +110,44 @@ def test_trainable_tensors_are_adapter_factors_and_head(tiny_bert):
     }
     fft = build_model(_cfg(tiny_bert, method="fft"), str(tiny_bert), LABELS)
     assert set(trainable_state(fft)) == {n for n, _ in fft.named_parameters()}
+
+
+def test_residual_is_the_same_bits_as_an_independent_fixed_order_computation():
+    """W_res does not depend on a BLAS build: it equals numpy's float64 rank-1 sum in rank order,
+    rounded once, bit for bit, with any number of threads (an arm64 node computes the same)."""
+    import numpy as np
+
+    from federa_app.federa_init import residual_weight
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 80, generator=gen)
+    a0, b0 = torch.randn(8, 80, generator=gen), torch.randn(96, 8, generator=gen)
+    a, b = a0.numpy().astype(np.float64), b0.numpy().astype(np.float64)
+    delta = np.zeros((96, 80))
+    for k in range(8):
+        delta = delta + np.outer(b[:, k], a[k])
+    expected = (weight.numpy().astype(np.float64) - 2.0 * delta).astype(np.float32)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = residual_weight(weight, a0, b0, 2.0)
+            assert got.dtype == torch.float32
+            assert np.array_equal(got.numpy(), expected)
+    finally:
+        torch.set_num_threads(threads)
+    # A float32 matmul, the obvious way, is not what a node gets.
+    assert not torch.equal(weight - 2.0 * (b0 @ a0), torch.from_numpy(expected))
+
+
+def test_residual_digest_tells_equal_and_different_residuals_apart(tiny_bert):
+    from federa_app.federa_init import residual_digest
+
+    cfg = _cfg(tiny_bert)
+    factors = initial_factors(cfg, str(tiny_bert), LABELS)
+    one = build_model(cfg, str(tiny_bert), LABELS, factors)
+    two = build_model(cfg, str(tiny_bert), LABELS, _through_the_wire(factors))
+    assert residual_digest(one) == residual_digest(two)
+    with torch.no_grad():
+        next(iter(lora_layers(two).values())).get_base_layer().weight[0, 0] += 1e-6
+    assert residual_digest(one) != residual_digest(two)
