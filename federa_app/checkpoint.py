@@ -96,10 +96,12 @@ def check_resumable(checkpoint: Checkpoint, cfg: RunConfig) -> None:
     """One-line ConfigError if `cfg` changes what the checkpointed run trained, or has no rounds
     left; the run's other keys may change (CHANGEABLE_ON_RESUME)."""
     new = cfg.to_dict()
+    # A key added after the run was checkpointed: the run had its default (e.g. precision=fp32).
+    old = {key: checkpoint.config.get(key, default) for key, default in DEFAULTS.items()}
     differ = [
-        f"{key}={new.get(key, '')!r} (run: {checkpoint.config.get(key, '')!r})"
+        f"{key}={new.get(key, '')!r} (run: {old[key]!r})"
         for key in DEFAULTS
-        if key not in CHANGEABLE_ON_RESUME and new.get(key, "") != checkpoint.config.get(key, "")
+        if key not in CHANGEABLE_ON_RESUME and new.get(key, "") != old[key]
     ]
     if differ:
         raise ConfigError(

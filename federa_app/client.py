@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import psutil
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from federa_app import data
 from federa_app.config import RunConfig, parse_run_config
+from federa_app.federa_init import residual_digest
 from federa_app.models import (
     build_model,
     load_tokenizer,
@@ -15,8 +21,8 @@ from federa_app.models import (
     resolve_model,
     trainable_state,
 )
-from federa_app.training import set_threads, train_locally
-from federa_app.wire import INIT_FACTORS_KEY
+from federa_app.training import check_precision, set_threads, train_device, train_locally
+from federa_app.wire import INIT_FACTORS_KEY, NODE_REPORT_KEY
 
 # The MetricRecord of every train reply; the server rejects a reply whose keys differ.
 TRAIN_METRIC_KEYS = (
@@ -41,6 +47,29 @@ def initial_factors_for(msg: Message, context: Context) -> dict:
     return context.state[INIT_FACTORS_KEY].to_torch_state_dict()
 
 
+def node_report(model, cfg: RunConfig) -> ConfigRecord:  # noqa: ANN001 - any torch model
+    """What the node is and what it trained on: machine, Python, user, FeDeRA residual digest.
+
+    The server records it per node (metrics.jsonl `nodes`) and strips it before aggregation. The
+    residual digest shows that every node, whatever its CPU, trains on the same frozen W_res.
+    """
+    report = {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "uid": os.getuid() if hasattr(os, "getuid") else -1,
+        "residual-sha256": residual_digest(model) if cfg.uses_svd_init else "",
+    }
+    if os.path.basename(sys.argv[0]).startswith("flwr-clientapp"):  # a process per message
+        report["process-seconds"] = process_age()
+    return ConfigRecord(report)
+
+
+def process_age() -> float:
+    """Seconds since this process started (interpreter start, imports and all)."""
+    return max(time.time() - psutil.Process().create_time(), 0.0)
+
+
 def server_labels(msg: Message, cfg: RunConfig) -> tuple[str, ...]:
     """The server's label names from the train config; from the run's dataset if it sent none."""
     sent = msg.content["config"].get(data.LABELS_KEY)
@@ -53,6 +82,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global tensors on this node's data; reply with the new tensors."""
     started = time.perf_counter()
     cfg = parse_run_config(context.run_config)
+    device = train_device()
+    check_precision(cfg.precision, device)  # before any data or model is loaded
     threads = set_threads(cfg)
     partition_id = data.node_partition_id(context.node_config)  # -1: the node's own file
     server_round = int(msg.content["config"].get("server-round", 0))
@@ -63,6 +94,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     factors = initial_factors_for(msg, context) if cfg.uses_svd_init else None
     model = build_model(cfg, model_ref, labels, factors)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
 
     loader = data.make_loader(
         rows,
@@ -74,6 +106,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     stats = train_locally(model, loader, cfg, proximal_mu=proximal_mu)
+    model.to("cpu")  # what is sent back and reported is read from CPU tensors
     metrics = MetricRecord(
         {
             "num-examples": len(rows),
@@ -84,5 +117,11 @@ def handle_train(msg: Message, context: Context) -> Message:
             "num-threads": threads,
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": metrics})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(trainable_state(model)),
+            "metrics": metrics,
+            NODE_REPORT_KEY: node_report(model, cfg),
+        }
+    )
     return Message(content=content, reply_to=msg)

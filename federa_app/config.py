@@ -35,6 +35,10 @@ SVD_MODES = ("full", "randomized")
 # Flower's four central-DP strategy wrappers (and, for client-*, the matching client mods).
 DP_MODES = ("none", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive")
 LR_SCHEDULES = ("constant", "linear")
+# Local training's arithmetic: fp32, or autocast to bfloat16 (CPU and CUDA) or float16 (CUDA, with
+# a GradScaler); master weights, optimiser state and the wire stay float32 (training.py). Whether
+# this machine can train in it is checked with the model (models.check_model_fits) and on nodes.
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Flower 1.42 implements SecAgg+ only for the legacy API (flwr.server.workflow.SecAggPlusWorkflow
 # needs a LegacyContext and `fitins`/`fitres` records); this app uses the Message API strategies.
 SECAGG_UNAVAILABLE = (
@@ -102,6 +106,7 @@ DEFAULTS: dict[str, Any] = {
     "lr-schedule": "constant",
     "warmup-ratio": 0.0,
     "max-length": 64,
+    "precision": "fp32",
     "fraction-train": 1.0,
     "min-train-nodes": 2,
     "min-available-nodes": 2,
@@ -155,6 +160,7 @@ class RunConfig:
     lr_schedule: str
     warmup_ratio: float
     max_length: int
+    precision: str
     fraction_train: float
     min_train_nodes: int
     min_available_nodes: int
@@ -259,6 +265,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     _choice("svd", values["svd"], SVD_MODES)
     _choice("lr-schedule", values["lr-schedule"], LR_SCHEDULES)
     _choice("dp", values["dp"], DP_MODES)
+    _choice("precision", values["precision"], PRECISIONS)
     _check(
         not values["secagg"],
         "secagg",

@@ -3,6 +3,10 @@
 Every dataset comes out as a `datasets.Dataset` with `text`, `label` (a ClassLabel, ids 0..K-1),
 an optional `text_pair` and any metadata columns. Partitions come from flwr-datasets'
 partitioners, seeded, so every node and process derives the same client data on its own.
+
+`datasets` (and with it pyarrow and pandas: ~130 MB of memory and ~0.8 s of import) is imported
+only where a dataset is read, split or partitioned. A ClientApp whose node has its prepared rows
+in the node cache trains on plain lists (`Rows`) and never loads it.
 """
 
 from __future__ import annotations
@@ -12,26 +16,35 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import pandas as pd
 import torch
-from datasets import ClassLabel, Dataset, Value
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from federa_app.assets import DATASET_ASSETS, asset_path, federa_home
 from federa_app.config import RunConfig
 from federa_app.errors import AssetError, ConfigError, DataError
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
 DATASET_CHOICES: tuple[str, ...] = (*DATASET_ASSETS, "csv:PATH", "json:PATH", "hf:NAME[:CONFIG]")
 PARTITIONER_CHOICES: tuple[str, ...] = ("dirichlet", "iid", "pathological", "column:NAME")
-_STRING_FEATURES = (Value("string"), Value("large_string"))
-datasets.disable_progress_bars()  # tiny in-memory maps; bars would drown the per-round progress
+
+
+@functools.cache
+def _datasets() -> ModuleType:
+    """The `datasets` module, imported on first use (see the module docstring)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # tiny in-memory maps; bars would drown per-round progress
+    return datasets
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -75,10 +88,12 @@ def _load_labelled_cached(name: str) -> tuple[Dataset, tuple[str, ...]]:
 
 def _rotten_tomatoes() -> Dataset:
     """Critic snippets labelled fresh/rotten; the file also holds plot summaries and repeats."""
+    import pandas as pd
+
     frame = pd.read_csv(asset_path("rotten-tomatoes"))
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
     frame = frame.rename(columns={"category": "label"})[["text", "label", "movie_name"]]
-    return Dataset.from_pandas(frame, preserve_index=False)
+    return _datasets().Dataset.from_pandas(frame, preserve_index=False)
 
 
 def _trec6() -> Dataset:
@@ -88,11 +103,15 @@ def _trec6() -> Dataset:
     lines = list(dict.fromkeys(line for line in lines if line.strip()))
     fine_labels, texts = zip(*(line.split(" ", 1) for line in lines), strict=True)
     coarse = [fine.split(":", 1)[0] for fine in fine_labels]
-    return Dataset.from_dict({"text": texts, "label": coarse, "fine_label": fine_labels})
+    return _datasets().Dataset.from_dict(
+        {"text": texts, "label": coarse, "fine_label": fine_labels}
+    )
 
 
 def _sms_spam() -> Dataset:
     """SMS messages labelled ham/spam, with the rows a plain CSV read swallows split back out."""
+    import pandas as pd
+
     frame = pd.read_csv(asset_path("sms-spam"))
     frame["label"] = frame["spam"].map({0: "ham", 1: "spam"})
     # A few cells hold raw "\nham\t..." / "\nspam\t..." lines of the source TSV: one row each.
@@ -101,14 +120,14 @@ def _sms_spam() -> Dataset:
     swallowed = frame["text"].str.extract(r"^(ham|spam)\t(.*)$", flags=re.DOTALL)
     frame["label"] = swallowed[0].fillna(frame["label"])
     frame["text"] = swallowed[1].fillna(frame["text"])
-    return Dataset.from_pandas(frame[["text", "label"]], preserve_index=False)
+    return _datasets().Dataset.from_pandas(frame[["text", "label"]], preserve_index=False)
 
 
 def _read_file(kind: str, path: str) -> Dataset:
     """A local CSV or JSON(-lines) file, read by `datasets`' packaged loaders."""
     try:
         # In memory: splits and partitions then never try to write index files next to the cache.
-        return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True)
+        return _datasets().load_dataset(kind, data_files=path, split="train", keep_in_memory=True)
     except Exception as error:  # pyarrow/pandas parse errors have no common base class
         cause = error
         while cause.__cause__ is not None:  # DatasetGenerationError wraps the parser's error
@@ -120,7 +139,7 @@ def _read_file(kind: str, path: str) -> Dataset:
 def _read_hub(hub_name: str, config: str | None = None) -> Dataset:
     """The `train` split of a Hugging Face hub dataset (re-split later into train/test)."""
     try:
-        return datasets.load_dataset(hub_name, config, split="train", keep_in_memory=True)
+        return _datasets().load_dataset(hub_name, config, split="train", keep_in_memory=True)
     except OSError as error:  # ConnectionError when offline, FileNotFoundError when unknown
         raise AssetError(
             f"hub dataset '{hub_name}' could not be loaded ({type(error).__name__}); offline only "
@@ -133,6 +152,8 @@ def _read_hub(hub_name: str, config: str | None = None) -> Dataset:
 
 def _encode(ds: Dataset, source: str) -> tuple[Dataset, tuple[str, ...]]:
     """Check the columns, drop unlabelled rows and make `label` a ClassLabel with sorted names."""
+    ClassLabel, Value = _datasets().ClassLabel, _datasets().Value  # noqa: N806 - class names
+    strings = (Value("string"), Value("large_string"))
     missing = [column for column in ("text", "label") if column not in ds.column_names]
     if missing:
         raise DataError(
@@ -143,7 +164,7 @@ def _encode(ds: Dataset, source: str) -> tuple[Dataset, tuple[str, ...]]:
     if len(ds) == 0:
         raise DataError(f"dataset '{source}' has no labelled rows")
     for column in ("text", "text_pair"):
-        if column in ds.column_names and ds.features[column] not in _STRING_FEATURES:
+        if column in ds.column_names and ds.features[column] not in strings:
             ds = ds.cast_column(column, Value("string"))
 
     label = ds.features["label"]
@@ -346,35 +367,71 @@ def _source_stamp(spec: str) -> list:
     return [spec, str(file.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A node's prepared training rows as plain lists: all that training needs, no `datasets`.
+
+    Columns `text`, `label` (ids into `label_names`, the server's labels) and, for sentence-pair
+    tasks, `text_pair`; `rows["text"]`, `rows.column_names` and `len(rows)` read like a Dataset's.
+    """
+
+    columns: dict[str, list]
+    label_names: tuple[str, ...]
+
+    COLUMNS = ("text", "text_pair", "label")  # what make_loader reads; metadata columns drop
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> Rows:
+        """The training columns of a labelled Dataset (label a ClassLabel) as lists."""
+        columns = {name: list(ds[name]) for name in cls.COLUMNS if name in ds.column_names}
+        return cls(columns, tuple(ds.features["label"].names))
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def __getitem__(self, column: str) -> list:
+        return self.columns[column]
+
+    def __len__(self) -> int:
+        return len(self.columns["label"])
+
+    def to_dict(self) -> dict[str, list]:
+        return dict(self.columns)
+
+
 def cached_node_train_data(
     node_config: Mapping[str, Any], cfg: RunConfig, labels: Sequence[str]
-) -> Dataset:
-    """`node_train_data`, kept on the node's disk between messages.
+) -> Rows:
+    """`node_train_data`'s training columns, kept on the node's disk between messages.
 
     Flower 1.42 starts a fresh ClientApp process for every message, so in-memory caches never
     survive a round; re-reading, encoding and partitioning costs ~2 s per message on a 2-core
-    machine, loading the saved Arrow table (datasets' save_to_disk) a few tens of ms. The key
-    covers every input of the rows: node config, file size/mtime, split and partition settings.
+    machine. The prepared rows are kept as a JSON file of plain lists: reading it takes a few
+    ms and needs no `datasets` (whose import alone costs ~0.8 s and ~130 MB). The key covers
+    every input of the rows: node config, file size/mtime, split and partition settings.
     """
     cache = node_cache_dir()
     if cache is None:
-        return node_train_data(node_config, cfg, labels)
+        return Rows.from_dataset(node_train_data(node_config, cfg, labels))
     spec = node_config.get("data") or cfg.dataset
     settings = [cfg.test_fraction, cfg.seed, cfg.partitioner, cfg.dirichlet_alpha]
     settings.append(cfg.classes_per_client)
     key_source = [sorted(node_config.items()), _source_stamp(str(spec)), settings, list(labels)]
     key = hashlib.sha256(json.dumps(key_source, default=str).encode()).hexdigest()[:20]
-    path = cache / key
-    if path.is_dir():
-        return Dataset.load_from_disk(str(path), keep_in_memory=True)
-    rows = node_train_data(node_config, cfg, labels)
+    path = cache / f"{key}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return Rows(saved["columns"], tuple(saved["label_names"]))
+    rows = Rows.from_dataset(node_train_data(node_config, cfg, labels))
     partial = cache / f"{key}.partial-{os.getpid()}"
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        rows.save_to_disk(str(partial))
-        partial.rename(path)  # atomic: a reader sees the whole table or none
-    except OSError:  # read-only disk, or another process got there first: both are fine
-        shutil.rmtree(partial, ignore_errors=True)
+        saved = {"columns": rows.columns, "label_names": list(rows.label_names)}
+        partial.write_text(json.dumps(saved), encoding="utf-8")
+        partial.replace(path)  # atomic: a reader sees the whole file or none
+    except OSError:  # a read-only disk: the rows are prepared again next time
+        partial.unlink(missing_ok=True)
     return rows
 
 
@@ -440,7 +497,7 @@ def to_server_labels(
         )
     new_id = [server_id.get(name, -1) for name in names]  # -1: a name no row uses
     features = ds.features.copy()
-    features["label"] = ClassLabel(names=list(labels))
+    features["label"] = _datasets().ClassLabel(names=list(labels))
     return ds.map(
         lambda batch: {"label": [new_id[i] for i in batch["label"]]},
         batched=True,
@@ -454,31 +511,39 @@ def to_server_labels(
 
 
 def make_loader(
-    ds: Dataset,
+    ds: Dataset | Rows,
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     max_length: int,
     shuffle: bool,
     seed: int,
 ) -> DataLoader:
-    """Batches of input_ids/attention_mask[/token_type_ids]/labels, padded per batch (dynamic)."""
-    has_pair = "text_pair" in ds.column_names
+    """Batches of input_ids/attention_mask[/token_type_ids]/labels, padded per batch (dynamic).
 
-    def tokenize(batch: dict) -> dict:
-        # Batch columns may be arrow-backed str arrays (pandas 3) or Column objects: make lists.
-        pair = list(batch["text_pair"]) if has_pair else None
-        return tokenizer(list(batch["text"]), pair, truncation=True, max_length=max_length)
+    `ds` is a Dataset or `Rows` (anything with `text`, `label`[, `text_pair`] columns). Each
+    batch is tokenized when it is drawn, so only the rows a round trains on are tokenized; with
+    `shuffle` the order is a permutation of the row indices seeded by `seed`.
+    """
+    texts = list(ds["text"])
+    pairs = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
+    labels = list(ds["label"])
 
-    encoded = ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=[c for c in ds.column_names if c != "label"],
-        keep_in_memory=True,
-    ).rename_column("label", "labels")
+    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = tokenizer(
+            [texts[i] for i in indices],
+            [pairs[i] for i in indices] if pairs is not None else None,
+            truncation=True,
+            max_length=max_length,
+            padding=True,  # to the longest row of this batch
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.tensor([labels[i] for i in indices], dtype=torch.long)
+        return batch
+
     return DataLoader(
-        encoded,
+        range(len(labels)),
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=DataCollatorWithPadding(tokenizer),
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(seed),
     )

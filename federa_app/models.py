@@ -15,6 +15,8 @@ import copy
 import dataclasses
 import functools
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from federa_app.adapters import adapter_sites, add_adapters
 from federa_app.config import METHODS, RunConfig
 from federa_app.errors import AssetError, ConfigError
 from federa_app.federa_init import apply_initial_factors, compute_initial_factors, lora_layers
+from federa_app.training import check_precision, train_device
 
 NAMED_MODELS = assets.MODEL_ASSETS
 ADAPTER_WEIGHTS = "bottleneck_adapters.safetensors"
@@ -71,9 +74,24 @@ def load_tokenizer(model_ref: str):  # noqa: ANN201 - transformers returns sever
     return AutoTokenizer.from_pretrained(model_ref)
 
 
-@functools.lru_cache(maxsize=2)
-def pretrained_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
-    """The pre-trained model with a seeded new head, loaded once per process; never mutate it."""
+# Whether this process keeps the pre-trained model in memory between builds (`pretrained_model`)
+# and copies it for each model it builds. Worth it where models are built again and again: the
+# server, the Ray simulation's client actors, a worker kept warm between messages. A process that
+# handles a single message (Flower's `flwr-clientapp`, started afresh for every message) builds
+# one model: it loads the weights straight into that model, so it holds one copy, not two.
+# None = decide by the process (`keeps_pretrained`); True/False force it.
+KEEP_PRETRAINED: bool | None = None
+
+
+def keeps_pretrained() -> bool:
+    """`KEEP_PRETRAINED`, or when None: keep, unless this process is a `flwr-clientapp`."""
+    if KEEP_PRETRAINED is not None:
+        return KEEP_PRETRAINED
+    return not os.path.basename(sys.argv[0]).startswith("flwr-clientapp")
+
+
+def _load_pretrained(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
+    """The pre-trained model with a seeded new head, read from disk."""
     torch.manual_seed(seed)  # a new head (and any missing weight) starts identical everywhere
     model = AutoModelForSequenceClassification.from_pretrained(
         model_ref,
@@ -85,9 +103,21 @@ def pretrained_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.M
     return model.eval()
 
 
+@functools.lru_cache(maxsize=2)
+def pretrained_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
+    """The pre-trained model with a seeded new head, loaded once per process; never mutate it."""
+    return _load_pretrained(model_ref, labels, seed)
+
+
 def load_base_model(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
-    """A fresh copy of the pre-trained model with a seeded new head (cached per process)."""
-    return copy.deepcopy(pretrained_model(model_ref, tuple(labels), seed))
+    """A fresh pre-trained model with a seeded new head, the caller's to change.
+
+    A copy of the cached `pretrained_model` where this process keeps it (`keeps_pretrained`),
+    else read from disk (the same weights and head, without a second copy in memory).
+    """
+    if keeps_pretrained():
+        return copy.deepcopy(pretrained_model(model_ref, tuple(labels), seed))
+    return _load_pretrained(model_ref, tuple(labels), seed)
 
 
 def target_modules(cfg: RunConfig, model_ref: str) -> list[str]:
@@ -120,7 +150,9 @@ HEAD_PREFIXES = ("classifier.", "score.")  # the new task head of a sequence cla
 
 
 def check_model_fits(cfg: RunConfig, model_ref: str, num_labels: int) -> None:
-    """Fail early when adapters or LoRA targets match nothing, or a rank exceeds its matrix."""
+    """Fail early when adapters or LoRA targets match nothing, a rank exceeds its matrix, or
+    this machine cannot train in the run's `precision`."""
+    check_precision(cfg.precision, train_device())
     model_config = copy.deepcopy(load_model_config(model_ref))
     model_config.num_labels = num_labels
     with torch.device("meta"):  # shapes only: no memory, no weights read

@@ -37,6 +37,7 @@ def test_pyproject_defaults_match_the_schema():
         ({"lora-rnk": 8}, "unknown run-config key 'lora-rnk'; valid keys are method, model"),
         ({"eta": "fast"}, "eta='fast' must be a float"),
         ({"run-name": "a/b"}, "run-name='a/b' is invalid"),
+        ({"precision": "fp8"}, "precision='fp8' is invalid: valid choices are fp32, bf16, fp16"),
     ],
 )
 def test_bad_values_give_one_line_naming_value_and_choices(overrides, expected):

@@ -247,6 +247,25 @@ def test_make_loader_pads_each_batch_to_its_longest_row(tmp_path: Path) -> None:
     ]  # [CLS] the cat [SEP] a mat [SEP]
 
 
+def test_plain_rows_give_the_batches_a_dataset_gives() -> None:
+    words = "the cat dog sat on a mat very long".split()
+    tokenizer = BertTokenizer(
+        vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    )
+    texts = ["the cat", "a dog sat on the mat", "very long", "it", "the mat sat", "on a cat"]
+    pairs = ["a mat", "", "the dog", "cat", "on", "very very long"]
+    ds = Dataset.from_dict({"text": texts, "text_pair": pairs, "label": [0, 1, 1, 0, 1, 0]})
+    ds = ds.cast_column("label", ClassLabel(names=["neg", "pos"]))
+    rows = data.Rows.from_dataset(ds)
+    assert len(rows) == 6 and rows.label_names == ("neg", "pos")
+    for shuffle in (False, True):
+        from_ds = list(data.make_loader(ds, tokenizer, 4, 6, shuffle, 3))
+        from_rows = list(data.make_loader(rows, tokenizer, 4, 6, shuffle, 3))
+        assert len(from_ds) == len(from_rows) == 2
+        for a, b in zip(from_ds, from_rows, strict=True):
+            assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 def make_wheel(path: Path, files: dict[str, bytes]) -> str:
     """Write a zip with the given members; return its sha256."""
     with zipfile.ZipFile(path, "w") as archive:

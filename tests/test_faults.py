@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -206,6 +207,13 @@ def test_resume_refuses_a_changed_run_or_one_without_rounds_left(tmp_path):
         checkpoint.check_resumable(saved, parse_run_config({"num-server-rounds": 2}))
     with pytest.raises(ConfigError, match="no checkpoint.pt there"):
         checkpoint.load(tmp_path)
+    # A run checkpointed before a key existed ran with that key's default (precision=fp32).
+    older = dataclasses.replace(saved, config={k: v for k, v in saved.config.items()
+                                               if k != "precision"})  # fmt: skip
+    checkpoint.check_resumable(older, parse_run_config({"num-server-rounds": 6}))
+    with pytest.raises(ConfigError, match=r"precision='bf16' \(run: 'fp32'\)"):
+        checkpoint.check_resumable(older, parse_run_config({"num-server-rounds": 6,
+                                                            "precision": "bf16"}))  # fmt: skip
 
 
 def test_resume_of_a_directory_without_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from conftest import check_run_directory, write_toy_csv
 from flwr.app import ArrayRecord
 
 from federa_app.config import parse_run_config, to_flwr_overrides
+from federa_app.federa_init import residual_digest
 from federa_app.models import build_model, initial_factors, load_saved_model, trainable_state
 from federa_app.records import read_metrics
 from federa_app.runtime import RunFailed
@@ -96,6 +99,13 @@ def test_only_trainable_tensors_cross_the_wire_and_bytes_add_up(tmp_path, tiny_b
         assert row["bytes_up"] == sum(m["bytes"] for m in received)
         for m in received:  # arrays + a MetricRecord of 6 scalars (8 bytes each + key names)
             assert 6 * 8 < m["bytes"] - expected_bytes < 6 * 8 + 120
+        # Each node reported what it is and the digest of the frozen residual it trained on
+        # (stripped from the reply before aggregation and byte counting, recorded per node).
+        nodes = row["nodes"]
+        assert len({n["node"] for n in nodes}) == 3
+        assert {(n["machine"], n["uid"]) for n in nodes} == {(platform.machine(), os.getuid())}
+        digests = {n["residual-sha256"] for n in nodes}
+        assert digests == ({residual_digest(model)} if method == "federa" else {""})
 
     _, summary = check_run_directory(run_dir, 2)
     assert summary["trainable_params"] == sum(t.numel() for t in trainable.values())
