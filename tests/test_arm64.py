@@ -23,8 +23,9 @@ pytestmark = pytest.mark.arm64
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    path = Path(os.environ.get("FEDERA_ARM64_REPORT", tmp_path_factory.mktemp("a") / "r.json"))
+def report() -> dict:
+    # The report stays for the operator (figures, logs): $FEDERA_ARM64_REPORT or the cache.
+    path = Path(os.environ.get("FEDERA_ARM64_REPORT", arm64_check.CACHE / "arm64-check.json"))
     result = arm64_check.run_check(path)
     print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=1))
     return result

@@ -23,11 +23,15 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    path = Path(os.environ.get("FEDERA_DOCKER_REPORT", tmp_path_factory.mktemp("dc") / "r.json"))
+def report() -> dict:
+    # The report stays for the operator (figures, logs): $FEDERA_DOCKER_REPORT or the cache.
+    path = Path(os.environ.get("FEDERA_DOCKER_REPORT", docker_check.CACHE / "docker-check.json"))
     result = docker_check.run_check(path)
     print(json.dumps({k: v for k, v in result.items() if k not in ("metrics", "compose_logs_tail")},
                      indent=1))  # fmt: skip
+    for row in result.get("metrics", []):
+        print(f"round {row['round']}: {row['round_seconds']:.1f} s, slowest ClientApp "
+              f"{row['client_seconds_max']:.1f} s, accuracy {row['accuracy']:.3f}")  # fmt: skip
     return result
 
 
