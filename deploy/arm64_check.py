@@ -46,6 +46,7 @@ from deploy.host import (  # noqa: E402
     require_root,
     run,
     say,
+    write_node_csvs,
 )
 
 ROOTFS = CACHE / "arm64-rootfs"
@@ -179,22 +180,6 @@ def arm64_mounts() -> list[str]:
     return [line.split()[1] for line in lines if line.split()[1].startswith(root + "/")]
 
 
-def write_node_data(workdir: Path) -> list[str]:
-    """Each node's own CSV (text,label): disjoint slices of rotten-tomatoes' train split."""
-    from federa_app import data
-
-    train, _, labels = data.load_task("rotten-tomatoes", 0.2, 42)
-    rows = train.shuffle(seed=11).select(range(2 * NODE_ROWS))
-    specs = []
-    for i in range(2):
-        part = rows.select(range(i * NODE_ROWS, (i + 1) * NODE_ROWS)).to_pandas()
-        part["label"] = [labels[k] for k in part["label"]]
-        path = workdir / f"node-{i + 1}.csv"
-        part[["text", "label"]].to_csv(path, index=False)
-        specs.append(f"csv:{path}")
-    return specs
-
-
 def preflight() -> None:
     """Root, the package registries, then the Debian packages the check runs."""
     require_root("make arm64-check")
@@ -216,7 +201,9 @@ def run_check(report_path: Path) -> dict:
     try:
         report["environment_build_seconds"] = build_environment()
         workdir = Path(tempfile.mkdtemp(prefix="federa-arm64-check-"))
-        node_data = write_node_data(workdir)
+        paths = [workdir / f"node-{i}.csv" for i in (1, 2)]
+        write_node_csvs(paths, NODE_ROWS, seed=11)
+        node_data = [f"csv:{path}" for path in paths]
         # The arm64 node sees the deployment's files (under /tmp) and the asset cache at the
         # same paths as the x86 processes do.
         shared = [Path("/proc"), Path("/dev"), Path(tempfile.gettempdir()), assets.federa_home()]

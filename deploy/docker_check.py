@@ -50,6 +50,7 @@ from deploy.host import (  # noqa: E402
     require_root,
     run,
     say,
+    write_node_csvs,
 )
 
 PROJECT = "federa-check"  # compose project name: every container, network, volume carries it
@@ -273,20 +274,6 @@ def image_facts(image: str) -> dict:
     }
 
 
-def write_node_data(workdir: Path) -> None:
-    """Two nodes' own CSV files (text,label): disjoint slices of rotten-tomatoes' train split."""
-    from federa_app import data
-
-    train, _, labels = data.load_task("rotten-tomatoes", 0.2, 42)
-    rows = train.shuffle(seed=7).select(range(2 * NODE_ROWS))
-    for i in range(2):
-        part = rows.select(range(i * NODE_ROWS, (i + 1) * NODE_ROWS)).to_pandas()
-        part["label"] = [labels[k] for k in part["label"]]
-        node_dir = workdir / "data" / f"node-{i + 1}"
-        node_dir.mkdir(parents=True)
-        part[["text", "label"]].to_csv(node_dir / "train.csv", index=False)
-
-
 def prepare_workdir(workdir: Path) -> set[str]:
     """Certificates, node data, and an asset cache for the containers; the certs' sha256s."""
     import hashlib
@@ -295,7 +282,7 @@ def prepare_workdir(workdir: Path) -> set[str]:
     from federa_app.certs import make_credentials
 
     creds = make_credentials(workdir / "certs", 2, ("superlink", "localhost", "127.0.0.1"))
-    write_node_data(workdir)
+    write_node_csvs([workdir / "data" / f"node-{i}" / "train.csv" for i in (1, 2)], NODE_ROWS, 7)
     cache = workdir / "cache"
     for name in ("minilm-l6", "rotten-tomatoes"):
         source = assets.asset_path(name)  # a model's directory, a dataset's file

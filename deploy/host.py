@@ -146,3 +146,17 @@ def fail(error: CheckError) -> None:
     """Print the one-line reason and exit 2 (bad environment, nothing was run)."""
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def write_node_csvs(paths: Sequence[Path], rows_per_node: int, seed: int) -> None:
+    """Each node's own CSV file (text,label with label names): disjoint slices of a shuffled
+    rotten-tomatoes train split, so that the nodes' data differ as on real devices."""
+    from federa_app import data
+
+    train, _, labels = data.load_task("rotten-tomatoes", 0.2, 42)
+    rows = train.shuffle(seed=seed).select(range(len(paths) * rows_per_node))
+    for i, path in enumerate(paths):
+        part = rows.select(range(i * rows_per_node, (i + 1) * rows_per_node)).to_pandas()
+        part["label"] = [labels[k] for k in part["label"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part[["text", "label"]].to_csv(path, index=False)
