@@ -56,7 +56,7 @@ def node_report(model, cfg: RunConfig) -> ConfigRecord:  # noqa: ANN001 - any to
     report = {
         "machine": platform.machine(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load from a checkpoint
         "uid": os.getuid() if hasattr(os, "getuid") else -1,
         "residual-sha256": residual_digest(model) if cfg.uses_svd_init else "",
     }
