@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 
 import psutil
@@ -18,6 +17,7 @@ from federa_app.models import (
     build_model,
     load_tokenizer,
     load_trainable_state,
+    per_message_process,
     resolve_model,
     trainable_state,
 )
@@ -60,7 +60,7 @@ def node_report(model, cfg: RunConfig) -> ConfigRecord:  # noqa: ANN001 - any to
         "uid": os.getuid() if hasattr(os, "getuid") else -1,
         "residual-sha256": residual_digest(model) if cfg.uses_svd_init else "",
     }
-    if os.path.basename(sys.argv[0]).startswith("flwr-clientapp"):  # a process per message
+    if per_message_process():
         report["process-seconds"] = process_age()
     return ConfigRecord(report)
 

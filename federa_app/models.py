@@ -83,11 +83,16 @@ def load_tokenizer(model_ref: str):  # noqa: ANN201 - transformers returns sever
 KEEP_PRETRAINED: bool | None = None
 
 
+def per_message_process() -> bool:
+    """Whether this process is Flower's `flwr-clientapp`, started afresh for every message."""
+    return os.path.basename(sys.argv[0]).startswith("flwr-clientapp")
+
+
 def keeps_pretrained() -> bool:
     """`KEEP_PRETRAINED`, or when None: keep, unless this process is a `flwr-clientapp`."""
     if KEEP_PRETRAINED is not None:
         return KEEP_PRETRAINED
-    return not os.path.basename(sys.argv[0]).startswith("flwr-clientapp")
+    return not per_message_process()
 
 
 def _load_pretrained(model_ref: str, labels: tuple[str, ...], seed: int) -> nn.Module:
