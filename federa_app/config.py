@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -77,6 +78,22 @@ STRATEGY_PARAMS = {
     "num-nodes-to-select": int,
     "q": float,
     "client-learning-rate": float,
+}
+# Each parameter's valid range: (lower-bound test, exclusive upper bound, how it reads).
+STRATEGY_PARAM_RANGES: dict[str, tuple[Callable[[float], bool], float, str]] = {
+    "server-learning-rate": (lambda v: v > 0, math.inf, "must be > 0"),
+    "server-momentum": (lambda v: v >= 0, 1.0, "in [0, 1)"),
+    "proximal-mu": (lambda v: v >= 0, math.inf, "must be >= 0"),
+    "eta": (lambda v: v > 0, math.inf, "must be > 0"),
+    "eta-l": (lambda v: v > 0, math.inf, "must be > 0"),
+    "beta-1": (lambda v: v >= 0, 1.0, "in [0, 1)"),
+    "beta-2": (lambda v: v >= 0, 1.0, "in [0, 1)"),
+    "tau": (lambda v: v > 0, math.inf, "must be > 0"),
+    "beta": (lambda v: v >= 0, 0.5, "in [0, 0.5) (the fraction trimmed from each end)"),
+    "num-malicious-nodes": (lambda v: v >= 0, math.inf, "must be >= 0"),
+    "num-nodes-to-select": (lambda v: v >= 1, math.inf, "must be >= 1"),
+    "q": (lambda v: v >= 0, math.inf, "must be >= 0"),
+    "client-learning-rate": (lambda v: v > 0, math.inf, "must be > 0"),
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -350,7 +367,8 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         if value == "":
             continue
         value = _typed(key, value, kind)
-        _check(value >= 0, key, value, 'must be >= 0 (or "" for Flower\'s default)')
+        low, high, valid = STRATEGY_PARAM_RANGES[key]
+        _check(low(value) and value < high, key, value, valid + ' (or "" for the default)')
         strategy_params[key] = value
 
     targets = tuple(t.strip() for t in values["target-modules"].split(",") if t.strip())

@@ -36,7 +36,12 @@ from federa_app.models import (
 )
 from federa_app.privacy import dp_reply_metric_keys, dp_settings, sampled_per_round, with_dp
 from federa_app.records import PLOT_FILE, WIRE_FILE, RunDirectory, plot_accuracy
-from federa_app.strategies import build_strategy, strategy_settings
+from federa_app.strategies import (
+    build_strategy,
+    check_node_count,
+    resolved_parameters,
+    strategy_settings,
+)
 from federa_app.training import evaluate, set_threads
 from federa_app.updates import UpdateTracker, effective_weights
 from federa_app.validation import reject_reason
@@ -130,6 +135,8 @@ def run_server(grid: Grid, context: Context) -> None:
             cfg.dirichlet_alpha,
             cfg.classes_per_client,
         )
+    if num_nodes:
+        check_node_count(cfg, num_nodes, sampled_per_round(cfg, num_nodes))
     base_strategy = build_strategy(cfg)
     strategy = with_dp(base_strategy, cfg, sampled_per_round(cfg, num_nodes))
     if resumed is None:
@@ -155,6 +162,7 @@ def run_server(grid: Grid, context: Context) -> None:
             "model-path": model_ref,
             "resolved-target-modules": target_modules(cfg, model_ref) if cfg.uses_lora else [],
             "strategy-settings": strategy_settings(base_strategy, cfg.strategy),
+            "strategy-settings-source": resolved_parameters(cfg)[1],
             "labels": list(labels),
             "num-nodes": num_nodes,
             "train-examples": len(train),

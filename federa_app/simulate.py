@@ -32,7 +32,7 @@ from federa_app.records import (
     unused_path,
 )
 from federa_app.runtime import BIN_DIR, Log, RunFailed
-from federa_app.strategies import build_strategy
+from federa_app.strategies import build_strategy, check_node_count
 
 FINISHED_GRACE = 1.0  # s to exit on SIGTERM once the run is finished, then SIGKILL
 
@@ -64,6 +64,7 @@ def validate(cfg: RunConfig, num_clients: int) -> None:
     try:
         # Fails on a strategy parameter the strategy lacks, or DP settings Flower refuses.
         with_dp(build_strategy(cfg), cfg, sampled_per_round(cfg, num_clients))
+        check_node_count(cfg, num_clients, sampled_per_round(cfg, num_clients))
     finally:
         flwr_logger.setLevel(level)
     model_ref = resolve_model(cfg.model)

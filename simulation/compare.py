@@ -1,10 +1,10 @@
 """`federa compare`: a grid of real Flower simulations and the paper-style tables and plots.
 
-A grid is methods x datasets x partitions (Dirichlet alphas or "iid") x seeds, with per-method
-learning rates (a list sweeps them). Each cell runs through `federa simulate`'s code path and
-writes a normal run directory named by the cell and a hash of its resolved config, so a re-run
-skips finished cells and a changed setting makes a new cell. Grids are TOML files; the presets
-live in simulation/presets/ (smoke, quick, paper, sweep).
+A grid is methods x datasets x partitions (Dirichlet alphas or "iid") x seeds x strategies, with
+per-method learning rates and per-strategy parameter settings (a list sweeps them). Each cell
+runs through `federa simulate`'s code path and writes a normal run directory named by the cell
+and a hash of its resolved config, so a re-run skips finished cells and a changed setting makes
+a new cell. Grids are TOML files; the presets live in simulation/presets/.
 """
 
 from __future__ import annotations
@@ -20,16 +20,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federa_app.config import METHOD_LEARNING_RATES, METHODS, parse_run_config
+from federa_app.config import (
+    METHOD_LEARNING_RATES,
+    METHODS,
+    STRATEGIES,
+    STRATEGY_PARAMS,
+    parse_run_config,
+)
 from federa_app.edge import EdgeLink
 from federa_app.errors import ConfigError
 from federa_app.records import SUMMARY_FILE
 from federa_app.runtime import RunFailed
 from federa_app.simulate import app_defaults, default_app_dir, simulate, validate
+from federa_app.strategies import refusal
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-GRID_KEYS = ("methods", "datasets", "partitions", "seeds", "num-clients", "cpus-per-client")
-TABLES = ("grid", "run-config", "learning-rate", "target-accuracy")
+GRID_KEYS = (
+    "methods",
+    "datasets",
+    "partitions",
+    "seeds",
+    "strategies",
+    "num-clients",
+    "cpus-per-client",
+)
+TABLES = ("grid", "run-config", "learning-rate", "strategy-params", "target-accuracy")
 # Keys that change what is reported about a run, not the run: left out of the cell key.
 REPORTING_KEYS = (
     "output-dir",
@@ -41,7 +56,17 @@ REPORTING_KEYS = (
     "downlink-mbps",
 )
 # Keys the grid sets per cell; a [run-config] table may not set them too.
-CELL_KEYS = ("method", "dataset", "partitioner", "dirichlet-alpha", "seed", "learning-rate")
+CELL_KEYS = (
+    "method",
+    "dataset",
+    "partitioner",
+    "dirichlet-alpha",
+    "seed",
+    "learning-rate",
+    "strategy",
+)
+# One setting of a strategy's own parameters: (key, value) pairs; () is the defaults.
+Variant = tuple[tuple[str, float | int], ...]
 
 Log = Callable[[str], object]
 
@@ -57,12 +82,24 @@ class Cell:
     learning_rate: float
     overrides: dict[str, Any] = field(hash=False)
     key: str = ""
+    strategy: str = "fedavg"
+    variant: Variant = ()
+
+    @property
+    def strategy_label(self) -> str:
+        """The strategy and its swept settings: "fedadam eta=0.01"; "fedavg" alone."""
+        return " ".join([self.strategy, *(f"{k}={v:g}" for k, v in self.variant)])
 
     @property
     def name(self) -> str:
         dataset = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.dataset)[-30:]
         part = "iid" if self.partition == "iid" else f"a{self.partition}"
-        return f"{self.method}-{dataset}-{part}-s{self.seed}-lr{self.learning_rate:g}-{self.key}"
+        # FedAvg cells keep the names they had before grids had strategies.
+        tag = "" if self.strategy_label == "fedavg" else f"-{self.strategy}"
+        tag += "".join(f"-{k}{v:g}" for k, v in self.variant)
+        return (
+            f"{self.method}-{dataset}-{part}-s{self.seed}-lr{self.learning_rate:g}{tag}-{self.key}"
+        )
 
 
 @dataclass
@@ -79,6 +116,8 @@ class Grid:
     run_config: dict[str, Any]
     learning_rates: dict[str, list[float]]
     targets: dict[str, float]
+    strategies: list[str] = field(default_factory=lambda: ["fedavg"])
+    strategy_params: dict[str, list[Variant]] = field(default_factory=dict)
 
     def link(self) -> EdgeLink:
         """The edge model the report uses (the grid's run-config values, else the defaults)."""
@@ -152,6 +191,11 @@ def load_grid(spec: str) -> Grid:
             raise ConfigError(f"grid {path} [learning-rate] {method}={values!r}: rates must be > 0")
         rates[method] = [float(v) for v in values]
     targets = {str(k): float(v) for k, v in doc.get("target-accuracy", {}).items()}
+    strategies = _list(grid, "strategies", str, where) if "strategies" in grid else ["fedavg"]
+    for name in strategies:
+        if name not in STRATEGIES:
+            valid = ", ".join(STRATEGIES)
+            raise ConfigError(f"{where} strategy {name!r}; valid choices are {valid}")
     return Grid(
         name=path.stem,
         methods=methods,
@@ -163,7 +207,36 @@ def load_grid(spec: str) -> Grid:
         run_config=run_config,
         learning_rates=rates,
         targets=targets,
+        strategies=strategies,
+        strategy_params=_strategy_params(doc.get("strategy-params", {}), strategies, path),
     )
+
+
+def _strategy_params(table: dict, strategies: list[str], path: Path) -> dict[str, list[Variant]]:
+    """[strategy-params]: per strategy a list of settings to sweep, e.g.
+    `fedadam = [{eta = 0.01}, {eta = 0.03}]`; each key must be one of that strategy's own."""
+    from federa_app.strategies import own_parameters
+
+    where = f"grid {path} [strategy-params]"
+    variants: dict[str, list[Variant]] = {}
+    for name, settings in table.items():
+        if name not in strategies:
+            raise ConfigError(f"{where} {name!r} is not one of the grid's strategies {strategies}")
+        if not isinstance(settings, list) or not all(isinstance(v, dict) for v in settings):
+            raise ConfigError(f"{where} {name} must be a list of tables, e.g. [{{eta = 0.01}}]")
+        allowed = own_parameters(name)
+        for setting in settings:
+            for key in setting:
+                if key not in allowed:
+                    raise ConfigError(
+                        f"{where} {name}: {key!r} is not its parameter; its own: "
+                        f"{', '.join(allowed) or 'none'}"
+                    )
+            parse_run_config({"strategy": name, **setting})  # ranges, types
+        variants[name] = [
+            tuple(sorted((k, STRATEGY_PARAMS[k](v)) for k, v in s.items())) for s in settings
+        ]
+    return variants
 
 
 def cell_key(overrides: dict[str, Any], num_clients: int) -> str:
@@ -176,12 +249,19 @@ def cell_key(overrides: dict[str, Any], num_clients: int) -> str:
 
 
 def expand(grid: Grid) -> list[Cell]:
-    """Every cell of the grid, in a stable order (method-major, so a stop leaves whole methods)."""
+    """Every cell of the grid, in a stable order (method-major, so a stop leaves whole methods).
+
+    A strategy that cannot aggregate a method (`refused`) has no cells with it.
+    """
     cells = []
-    combos = itertools.product(grid.methods, grid.datasets, grid.partitions, grid.seeds)
-    for method, dataset, part, seed in combos:
+    combos = itertools.product(
+        grid.methods, grid.strategies, grid.datasets, grid.partitions, grid.seeds
+    )
+    for method, strategy, dataset, part, seed in combos:
+        if refusal(strategy, method):
+            continue
         rates = grid.learning_rates.get(method) or [METHOD_LEARNING_RATES[method]]
-        for lr in rates:
+        for lr, variant in itertools.product(rates, grid.strategy_params.get(strategy, [()])):
             overrides = {
                 **grid.run_config,
                 "method": method,
@@ -189,14 +269,22 @@ def expand(grid: Grid) -> list[Cell]:
                 "seed": seed,
                 "learning-rate": lr,
                 "target-accuracy": grid.targets.get(dataset, 0.0),
+                **({"strategy": strategy} if strategy != "fedavg" else {}),
+                **dict(variant),
             }
             if part == "iid":
                 overrides["partitioner"] = "iid"
             else:
                 overrides.update({"partitioner": "dirichlet", "dirichlet-alpha": float(part)})
             key = cell_key(overrides, grid.num_clients)
-            cells.append(Cell(method, dataset, part, seed, lr, overrides, key))
+            cells.append(Cell(method, dataset, part, seed, lr, overrides, key, strategy, variant))
     return cells
+
+
+def refused(grid: Grid) -> list[tuple[str, str, str]]:
+    """(strategy, method, one-line reason) for the grid's combinations the app refuses."""
+    pairs = itertools.product(grid.strategies, grid.methods)
+    return [(s, m, reason) for s, m in pairs if (reason := refusal(s, m))]
 
 
 def is_finished(out_dir: Path, cell: Cell) -> bool:
@@ -208,12 +296,15 @@ def check_cells(grid: Grid, cells: list[Cell]) -> None:
     """Everything checkable before the first simulation: data, model, partitions, node counts."""
     seen = set()
     for cell in cells:
-        what = (cell.dataset, cell.partition, cell.seed, cell.method)
+        what = (cell.dataset, cell.partition, cell.seed, cell.method, cell.strategy, cell.variant)
         if what in seen:
             continue
         seen.add(what)
-        cfg = parse_run_config({**app_defaults(default_app_dir()), **cell.overrides})
-        validate(cfg, grid.num_clients)
+        try:
+            cfg = parse_run_config({**app_defaults(default_app_dir()), **cell.overrides})
+            validate(cfg, grid.num_clients)
+        except ConfigError as exc:
+            raise ConfigError(f"cell {cell.name}: {exc}") from None
 
 
 def run_grid(grid: Grid, out_dir: Path, log: Log = print) -> list[tuple[Cell, str]]:

@@ -11,6 +11,7 @@ changing them needs no re-run.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from federa_app.config import parse_run_config
 from federa_app.edge import EdgeLink, edge_round_seconds, time_to_target
 from federa_app.records import SUMMARY_FILE, read_metrics
-from simulation.compare import Cell, Grid, expand, partition_label
+from federa_app.strategies import refusal
+from simulation.compare import Cell, Grid, expand, partition_label, refused
 
 # The paper's PEFT baselines (FedLR, FedBF, FedAP) and FFA-LoRA: the "fastest PEFT baseline".
 PEFT_BASELINES = ("lora", "bitfit", "adapter", "ffa-lora")
@@ -50,8 +53,19 @@ def collect(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _group(cell: Cell) -> tuple[str, str, str]:
-    return cell.method, cell.dataset, cell.partition
+def _group(cell: Cell) -> tuple[str, str, str, str]:
+    """What a report row is about; the cells in a group differ in the settings swept."""
+    return cell.method, cell.dataset, cell.partition, cell.strategy
+
+
+def _swept(cell: Cell) -> tuple[float, tuple]:
+    """The swept settings of a cell: its learning rate and its strategy parameters."""
+    return cell.learning_rate, cell.variant
+
+
+def _swept_label(swept: tuple[float, tuple]) -> str:
+    lr, variant = swept
+    return " ".join([f"{lr:g}", *(f"{k}={v:g}" for k, v in variant)])
 
 
 def late_accuracy(rows: list[dict[str, Any]]) -> float:
@@ -60,26 +74,28 @@ def late_accuracy(rows: list[dict[str, Any]]) -> float:
     return mean(r["accuracy"] for r in rows if r["round"] > last / 2)
 
 
-def _by_learning_rate(records: list[dict[str, Any]]) -> dict[tuple, dict[float, list[tuple]]]:
-    """Per (method, dataset, partition) and learning rate, one (late accuracy, -final loss) per
-    seed: accuracy decides, the server-side loss breaks ties (e.g. all stuck at the majority)."""
-    by_lr: dict[tuple, dict[float, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+def _by_learning_rate(records: list[dict[str, Any]]) -> dict[tuple, dict[tuple, list[tuple]]]:
+    """Per (method, dataset, partition, strategy) and swept setting (learning rate, strategy
+    parameters), one (late accuracy, -final loss) per seed: accuracy decides, the server-side
+    loss breaks ties (e.g. all stuck at the majority)."""
+    by_lr: dict[tuple, dict[tuple, list[tuple]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         score = (late_accuracy(r["rows"]), -r["rows"][-1]["loss"])
-        by_lr[_group(r["cell"])][r["cell"].learning_rate].append(score)
+        by_lr[_group(r["cell"])][_swept(r["cell"])].append(score)
     return by_lr
 
 
-def _best_rate(lrs: dict[float, list[tuple]]) -> float:
+def _best_rate(lrs: dict[tuple, list[tuple]]) -> tuple:
     return max(lrs, key=lambda lr: (mean(s[0] for s in lrs[lr]), mean(s[1] for s in lrs[lr])))
 
 
 def _mark_chosen(records: list[dict[str, Any]]) -> None:
-    """Per (method, dataset, partition): the learning rate with the best mean late accuracy."""
+    """Per (method, dataset, partition, strategy): the learning rate and strategy parameters
+    with the best mean late accuracy."""
     by_lr = _by_learning_rate(records)
     best = {g: _best_rate(lrs) for g, lrs in by_lr.items()}
     for r in records:
-        r["chosen"] = r["cell"].learning_rate == best[_group(r["cell"])]
+        r["chosen"] = _swept(r["cell"]) == best[_group(r["cell"])]
 
 
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
@@ -95,6 +111,7 @@ def write_csv(records: list[dict[str, Any]], path: Path) -> None:
                 "partition": cell.partition,
                 "seed": cell.seed,
                 "learning_rate": cell.learning_rate,
+                "strategy_params": " ".join(f"{k}={v:g}" for k, v in cell.variant),
                 "chosen": r["chosen"],
                 **r["summary"],
                 "target_accuracy": r["target"],
@@ -125,7 +142,7 @@ def _runs_by_method(
 ) -> dict[str, list[dict[str, Any]]]:
     """One setting's chosen runs (one per seed), per method in grid order; methods without any
     finished run are left out."""
-    runs = {m: [r for r in chosen if _group(r["cell"]) == (m, d, p)] for m in grid.methods}
+    runs = {m: [r for r in chosen if _group(r["cell"])[:3] == (m, d, p)] for m in grid.methods}
     return {m: rs for m, rs in runs.items() if rs}
 
 
@@ -208,22 +225,100 @@ def sweep_table(records: list[dict[str, Any]]) -> list[str]:
     if not swept:
         return []
     lines = [
-        "| method | dataset | partition | learning rate: late accuracy (final loss) |",
-        "|---|---|---|---|",
+        "| method | dataset | partition | strategy "
+        "| learning rate (and strategy parameters): late accuracy (final loss) |",
+        "|---|---|---|---|---|",
     ]
-    for (m, d, p), lrs in sorted(swept.items()):
+    for (m, d, p, strategy), lrs in sorted(swept.items()):
         best = _best_rate(lrs)
         parts = [
-            f"{'**' if lr == best else ''}{lr:g}: {mean(a for a, _ in v):.4f} "
+            f"{'**' if lr == best else ''}{_swept_label(lr)}: {mean(a for a, _ in v):.4f} "
             f"({-mean(loss for _, loss in v):.3f}){'**' if lr == best else ''}"
             for lr, v in sorted(lrs.items())
         ]
-        lines.append(f"| {m} | {d} | {partition_label(p)} | " + ", ".join(parts) + " |")
+        lines.append(
+            f"| {m} | {d} | {partition_label(p)} | {strategy} | " + ", ".join(parts) + " |"
+        )
     return lines
+
+
+def strategy_table(grid: Grid, records: list[dict[str, Any]], d: str, p: str) -> list[str]:
+    """One setting of a grid with several strategies: a row per strategy and method, each at
+    its chosen parameters (mean over seeds)."""
+    lines = [
+        "| strategy | method | parameters (chosen) | final accuracy | best accuracy "
+        "| loss: round 0 -> final | final / round-0 loss | rounds to target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for strategy, method in itertools.product(grid.strategies, grid.methods):
+        if refusal(strategy, method):
+            continue
+        rs = [r for r in records if r["chosen"] and _group(r["cell"]) == (method, d, p, strategy)]
+        if not rs:
+            lines.append(f"| {strategy} | {method} | — | not run | | | | |")
+            continue
+        loss0 = mean(r["rows"][0]["loss"] for r in rs)
+        loss = mean(r["rows"][-1]["loss"] for r in rs)
+        hits = [r["reached"]["rounds_to_target"] for r in rs if r["reached"]]
+        rounds = f"{mean(hits):.1f}" if len(hits) == len(rs) else f"{len(hits)}/{len(rs)} reached"
+        params = " ".join(f"{k}={v:g}" for k, v in rs[0]["cell"].variant) or "defaults"
+        lines.append(
+            f"| {strategy} | {method} | {params} "
+            f"| {_mean_std([r['summary']['final_accuracy'] for r in rs], '.3f')} "
+            f"| {_mean_std([r['summary']['best_accuracy'] for r in rs], '.3f')} "
+            f"| {loss0:.3f} -> {loss:.3f} | {loss / loss0:.2f} | {rounds} |"
+        )
+    return lines
+
+
+def write_strategy_markdown(
+    grid: Grid, records: list[dict[str, Any]], path: Path, note: str = ""
+) -> str:
+    """results.md of a grid with several strategies: per setting a strategy x method table,
+    then the sweep of the strategies' parameters."""
+    rounds = parse_run_config(grid.run_config).num_server_rounds
+    seeds = f"mean ± std over {len(grid.seeds)} seeds" if len(grid.seeds) > 1 else "one seed"
+    lines = [
+        f"# Grid `{grid.name}`: {len(records)} finished cells",
+        "",
+        *([note, ""] if note else []),
+        f"{grid.num_clients} clients, {rounds} rounds; server-side accuracy and loss on the "
+        f"held-out test split; "
+        f"{seeds}; "
+        "each method at its default learning rate unless swept. Where a strategy's parameters "
+        "were swept, the row shows the setting with the best late accuracy (the sweep table "
+        "below has them all). 'defaults': the strategy as `\"\"` resolves it for the method.",
+        "",
+    ]
+    for d, p in _settings(grid):
+        target = grid.targets.get(d, 0.0)
+        lines += [f"## {d}, {partition_label(p)} (target accuracy {target:g})", ""]
+        lines += strategy_table(grid, records, d, p) + [""]
+    refusals = refused(grid)
+    if refusals:
+        lines += ["## Refused combinations", ""]
+        lines += [f"- {strategy} with {method}: {reason}" for strategy, method, reason in refusals]
+        lines += [""]
+    sweep = sweep_table(records)
+    if sweep:
+        lines += [
+            "## Parameter sweep",
+            "",
+            "Late accuracy: mean over the later half of the rounds; ties go to the lower final "
+            "server-side loss. The chosen setting in bold.",
+            "",
+            *sweep,
+            "",
+        ]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
 
 
 def write_markdown(grid: Grid, records: list[dict[str, Any]], path: Path, note: str = "") -> str:
     """results.md: the accuracy table, then per setting the time-to-target table."""
+    if len(grid.strategies) > 1:
+        return write_strategy_markdown(grid, records, path, note)
     chosen = [r for r in records if r["chosen"]]
     link = grid.link()
     seeds = len(grid.seeds)
@@ -351,7 +446,7 @@ def write_report(grid: Grid, out_dir: Path, note: str = "") -> str:
     chosen = [r for r in records if r["chosen"]]
     plots = []
     for d, p in _settings(grid):
-        if not any(_group(r["cell"])[1:] == (d, p) for r in chosen):
+        if not any(_group(r["cell"])[1:3] == (d, p) for r in chosen):
             continue
         stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in d)[-30:]
         stem += "-iid" if p == "iid" else f"-alpha{p}"
