@@ -19,8 +19,8 @@ from federa_app.svd_avg import SvdAvg
 class KeepsDtypes:
     """Mixin: the aggregate has the dtypes the round sent, whatever the strategy's arithmetic.
 
-    Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) returns float64 for a float32 model:
-    its bias-corrected rate is a NumPy float64, which promotes the update. Every node then gets
+    Flower's FedAdam, FedYogi, FedAdagrad and QFedAvg return float64 for a float32 model: a NumPy
+    float64 scalar (the bias-corrected rate, loss**q) promotes the update. Every node then gets
     float64 tensors and its float32 reply fails validation, so no later round counts.
     """
 
@@ -42,25 +42,13 @@ class KeepsDtypes:
         return arrays, metrics
 
 
-class FedAdam(KeepsDtypes, flwr_strategy.FedAdam):
-    """Flower's FedAdam, returning the model's own dtypes."""
-
-
-class FedYogi(KeepsDtypes, flwr_strategy.FedYogi):
-    """Flower's FedYogi, returning the model's own dtypes."""
-
-
-class FedAdagrad(KeepsDtypes, flwr_strategy.FedAdagrad):
-    """Flower's FedAdagrad, returning the model's own dtypes."""
-
-
-STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+FLOWER_STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": flwr_strategy.FedAvg,
     "fedavgm": flwr_strategy.FedAvgM,
     "fedprox": flwr_strategy.FedProx,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedadagrad": flwr_strategy.FedAdagrad,
     "fedmedian": flwr_strategy.FedMedian,
     "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
     "krum": flwr_strategy.Krum,
@@ -69,17 +57,36 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "qfedavg": flwr_strategy.QFedAvg,
     "svd-avg": SvdAvg,
 }
+# Each with the model's dtypes kept (KeepsDtypes), under Flower's own class name.
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+    name: type(cls.__name__, (KeepsDtypes, cls), {"__doc__": cls.__doc__, "__module__": __name__})
+    for name, cls in FLOWER_STRATEGIES.items()
+}
 # svd-avg averages the LoRA product B @ A, so both factors must be on the wire.
 SVD_AVG_METHODS = ("federa", "lora")
 
-# Server-side settings of ours where Flower's defaults do not learn with these models, per
-# method family; from the strategy sweep (simulation/presets/strategy-sweep.toml, results in
-# docs/results/strategies/). A run-config value always wins; keys not listed keep Flower's.
-OUR_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
-    "adapters": {},
-    "fft": {},
+# Our defaults where Flower's do not learn with a pre-trained model (docs/results/strategies:
+# the sweep behind them). A run-config value always wins; keys not listed keep Flower's.
+#
+# The server optimisers (FedAdam, FedYogi, FedAdagrad) move every element by about eta per
+# round, whatever the size of the clients' update, and their tau sets where that sign-like step
+# turns into a step proportional to the update. Flower's absolute eta=0.1/0.01, tau=1e-3 suit
+# neither adapters (clients move an element by up to learning-rate x local-steps = 0.05) nor
+# full fine-tuning (1e-3). So ours are relative: eta and tau are multiples of the clients' own
+# movement per round, u = learning-rate x local-steps, and the server's update keeps its size
+# relative to FedAvg's whatever the method, model or learning rate.
+RELATIVE_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedadam": {"eta": 0.2, "tau": 0.02},
+    "fedyogi": {"eta": 0.2, "tau": 0.02},
+    "fedadagrad": {"eta": 0.2, "tau": 0.02},
 }
-OUR_DEFAULTS_SOURCE = "federa default for {family} (docs/results/strategies)"
+# q-FedAvg's client-learning-rate is its Lipschitz estimate L = 1/client-learning-rate: the
+# update shrinks by 1 / (1 + q L ||w - w_k||^2 / F_k); with Adam on the nodes (not q-FFL's plain
+# SGD) the clients' rate is no estimate of 1/L, and shrinks the update to nothing.
+ABSOLUTE_DEFAULTS: dict[str, dict[str, float]] = {
+    "qfedavg": {"client-learning-rate": 100.0},
+}
+DEFAULTS_SOURCE = "federa default (docs/results/strategies)"
 # Byzantine-robust rules: the replies a round needs for f = num-malicious-nodes, and why.
 ROBUST_MIN_REPLIES = {
     "krum": (lambda f: 2 * f + 3, "2f+3: Krum scores each update by its n-f-2 nearest"),
@@ -88,22 +95,24 @@ ROBUST_MIN_REPLIES = {
 }
 
 
-def method_family(method: str) -> str:
-    """`fft` trains every weight; every other method a small set (adapters, biases, the head)."""
-    return "fft" if method == "fft" else "adapters"
-
-
 def own_parameters(name: str) -> list[str]:
     """The run-config keys of the strategy's own parameters (those beyond FedAvg's)."""
     params = inspect.signature(STRATEGY_CLASSES[name].__init__).parameters
     return [key for key in STRATEGY_PARAMS if key.replace("-", "_") in params]
 
 
+def client_movement(cfg: RunConfig) -> float:
+    """u = learning-rate x local-steps: how far a node's optimiser can move an element per round
+    (Adam's step is about the learning rate); the unit of the server optimisers' defaults.
+    With local-epochs the steps depend on each node's data, unknown here: set eta and tau."""
+    return cfg.learning_rate * cfg.local_steps
+
+
 def resolved_parameters(cfg: RunConfig) -> tuple[dict[str, float | int], dict[str, str]]:
     """The strategy's own parameters that are not Flower's defaults, and where each came from.
 
-    An explicit run-config value wins; then ours for the method's family; else Flower's default
-    (left out of the first dict). QFedAvg has no default client-learning-rate: the clients' own.
+    An explicit run-config value wins; then ours (RELATIVE_DEFAULTS x u, ABSOLUTE_DEFAULTS);
+    else Flower's default (left out of the first dict).
     """
     allowed = own_parameters(cfg.strategy)
     for key in cfg.strategy_params:
@@ -112,17 +121,18 @@ def resolved_parameters(cfg: RunConfig) -> tuple[dict[str, float | int], dict[st
                 f"run-config {key} does not apply to strategy {cfg.strategy!r}; its own "
                 f"parameters are: {', '.join(allowed) or 'none'}"
             )
-    family = method_family(cfg.method)
-    ours = OUR_DEFAULTS[family].get(cfg.strategy, {})
+    relative = RELATIVE_DEFAULTS.get(cfg.strategy, {})
+    absolute = ABSOLUTE_DEFAULTS.get(cfg.strategy, {})
     values: dict[str, float | int] = {}
     sources: dict[str, str] = {}
     for key in allowed:
         if key in cfg.strategy_params:
             values[key], sources[key] = cfg.strategy_params[key], "run-config"
-        elif key in ours:
-            values[key], sources[key] = ours[key], OUR_DEFAULTS_SOURCE.format(family=family)
-        elif cfg.strategy == "qfedavg" and key == "client-learning-rate":
-            values[key], sources[key] = cfg.learning_rate, "the clients' learning-rate"
+        elif key in relative:
+            values[key] = relative[key] * client_movement(cfg)
+            sources[key] = f"{DEFAULTS_SOURCE}: {relative[key]:g} x learning-rate x local-steps"
+        elif key in absolute:
+            values[key], sources[key] = absolute[key], DEFAULTS_SOURCE
         else:
             sources[key] = "flower default"
     return values, sources

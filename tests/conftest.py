@@ -10,15 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Nodes cache their prepared rows on disk (data.cached_node_train_data): keep the tests' apart.
 os.environ.setdefault("FEDERA_NODE_CACHE", tempfile.mkdtemp(prefix="federa-test-node-cache-"))
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertConfig, BertModel, BertTokenizer  # noqa: E402
+
+from client_app import app as client_app  # noqa: E402
 
 RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "adapter", "accuracy.png"}
 METRIC_FIELDS = {
@@ -102,3 +106,29 @@ def write_toy_csv(path: Path, rows: int = 400, seed: int = 0) -> Path:
         lines.append(f"{' '.join(words)},{'positive' if label else 'negative'}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+class InProcessGrid:
+    """The Grid surface the server and Flower's strategies use: node ids and, if `contexts` are
+    given, a send_and_receive that runs the real ClientApp (mods included) on each node's
+    Context in this process: a whole federation without Ray or a SuperLink."""
+
+    def __init__(self, node_ids, contexts: dict[int, Context] | None = None) -> None:
+        self.node_ids = list(node_ids)
+        self.contexts = contexts or {}
+        self.replies: list[Message] = []
+        self._ids = itertools.count()
+
+    def get_node_ids(self):
+        self._calls = getattr(self, "_calls", 0) + 1  # Flower polls (sleeping 1 s) for more
+        if self._calls > 50:
+            raise RuntimeError("the strategy waits for more nodes than this grid has")
+        return self.node_ids
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:  # the SuperLink gives each message an id; replies refer to it
+            message.metadata.__dict__["_message_id"] = f"message-{next(self._ids)}"
+            replies.append(client_app(message, self.contexts[message.metadata.dst_node_id]))
+        self.replies += replies
+        return replies

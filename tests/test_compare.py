@@ -186,7 +186,7 @@ def test_skip_finished_and_report_arithmetic(tmp_path: Path) -> None:
         f"| {1 - federa_t / bitfit_t:.1%} |" in text
     )
     assert "| bitfit | 0.7500 ± 0.0000 (best 0.7500 ± 0.0000) |" in text
-    assert "| bitfit | rotten-tomatoes | alpha=1 | 0.001: 0.6000 (" in text
+    assert "| bitfit | rotten-tomatoes | alpha=1 | fedavg | 0.001: 0.6000 (" in text
     assert ", **0.01: 0.7500 (" in text
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -214,6 +214,17 @@ def test_skip_finished_and_report_arithmetic(tmp_path: Path) -> None:
         ("[grid]\nmethods = ['lora']\ndatasets = ['x']\n[learning-rate]\nlora = [0]\n",
          "rates must be > 0"),
         ("[grid\n", "not valid TOML"),
+        ("[grid]\nmethods = ['lora']\ndatasets = ['x']\nstrategies = ['fedx']\n",
+         "strategy 'fedx'; valid choices"),
+        ("[grid]\nmethods = ['lora']\ndatasets = ['x']\n[run-config]\nstrategy = 'krum'\n",
+         "sets 'strategy': the grid sets it per cell"),
+        ("[grid]\nmethods = ['lora']\ndatasets = ['x']\nstrategies = ['fedadam']\n"
+         "[strategy-params]\nkrum = [{num-malicious-nodes = 1}]\n",
+         "'krum' is not one of the grid's strategies"),
+        ("[grid]\nmethods = ['lora']\ndatasets = ['x']\nstrategies = ['fedadam']\n"
+         "[strategy-params]\nfedadam = [{q = 0.2}]\n", "'q' is not its parameter"),
+        ("[grid]\nmethods = ['lora']\ndatasets = ['x']\nstrategies = ['fedadam']\n"
+         "[strategy-params]\nfedadam = [{eta = -1}]\n", "eta=-1.0 is invalid: must be > 0"),
     ],
 )  # fmt: skip
 def test_bad_grids_fail_in_one_line(tmp_path: Path, body: str, message: str) -> None:
@@ -233,3 +244,62 @@ def test_late_accuracy_is_the_mean_of_the_later_half() -> None:
     accuracies = [0.5, 0.9, 0.6, 0.7, 0.6, 0.8]  # one lucky early round, one lucky last round
     rows = [{"round": i, "accuracy": a} for i, a in enumerate(accuracies)]
     assert late_accuracy(rows) == pytest.approx((0.7 + 0.6 + 0.8) / 3)  # rounds 3, 4, 5
+
+
+STRATEGY_GRID = """
+[grid]
+methods = ["lora", "fft"]
+datasets = ["rotten-tomatoes"]
+partitions = ["iid"]
+strategies = ["fedavg", "fedadam", "svd-avg"]
+num-clients = 2
+
+[run-config]
+num-server-rounds = 2
+
+[strategy-params]
+fedadam = [{eta = 0.01}, {eta = 0.03, tau = 0.001}]
+"""
+
+
+def test_strategy_grids_sweep_each_strategys_parameters_and_skip_refused_pairs(
+    tmp_path: Path,
+) -> None:
+    grid = load_grid(_write_grid(tmp_path, STRATEGY_GRID))
+    cells = expand(grid)
+    # lora: fedavg, fedadam x 2 settings, svd-avg; fft: fedavg, fedadam x 2 (svd-avg refused)
+    assert [(c.method, c.strategy_label) for c in cells] == [
+        ("lora", "fedavg"),
+        ("lora", "fedadam eta=0.01"),
+        ("lora", "fedadam eta=0.03 tau=0.001"),
+        ("lora", "svd-avg"),
+        ("fft", "fedavg"),
+        ("fft", "fedadam eta=0.01"),
+        ("fft", "fedadam eta=0.03 tau=0.001"),
+    ]
+    assert len({c.key for c in cells}) == len(cells)
+    # A FedAvg cell keeps the name (and key) it had in grids without strategies.
+    fedavg_only = STRATEGY_GRID.split("[strategy-params]")[0].replace(
+        '"fedavg", "fedadam", "svd-avg"', '"fedavg"'
+    )
+    plain = expand(load_grid(_write_grid(tmp_path, fedavg_only)))
+    assert cells[0].name == plain[0].name and cells[0].key == plain[0].key
+    assert cells[2].name.startswith(
+        "lora-rotten-tomatoes-iid-s42-lr0.005-fedadam-eta0.03-tau0.001-"
+    )
+    assert cells[2].overrides["strategy"] == "fedadam" and cells[2].overrides["tau"] == 0.001
+
+    out = tmp_path / "out"
+    for cell in cells:  # fedadam at eta 0.03 learns best for lora; 0.01 for fft
+        good = (cell.method, cell.variant) in {
+            ("lora", (("eta", 0.03), ("tau", 0.001))),
+            ("fft", (("eta", 0.01),)),
+        }
+        accs = [0.5, 0.7, 0.8] if good else [0.5, 0.6, 0.65]
+        _fake_run(out, cell, accs[-1], accs, 1.0)
+    text = write_report(grid, out)
+    assert "| fedadam | lora | eta=0.03 tau=0.001 | 0.800 | 0.800 |" in text
+    assert "| fedadam | fft | eta=0.01 | 0.800 | 0.800 |" in text
+    assert "| svd-avg | lora | defaults | 0.650 |" in text
+    assert "- svd-avg with fft: strategy svd-avg aggregates the LoRA product" in text
+    assert "| lora | rotten-tomatoes | IID | fedadam | 0.005 eta=0.01: 0.6500 (" in text

@@ -3,12 +3,12 @@ real (clipping by hand, noise statistics, the adaptive norm's update) and run wi
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import InProcessGrid as Grid
 from conftest import write_toy_csv
 from flwr.app import (
     Array,
@@ -28,7 +28,6 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from client_app import app
 from federa_app import data
 from federa_app.client import TRAIN_METRIC_KEYS, handle_train
 from federa_app.config import METHODS, parse_run_config
@@ -43,31 +42,6 @@ from federa_app.privacy import (
 )
 from federa_app.strategies import build_strategy
 from federa_app.wire import INIT_FACTORS_KEY, WireRecorder
-
-
-class FakeGrid:
-    """The Grid surface Flower's strategies use: node ids and, if `contexts` are given, a
-    send_and_receive that runs the real ClientApp (mods included) on each node's Context."""
-
-    def __init__(self, node_ids, contexts: dict[int, Context] | None = None) -> None:
-        self.node_ids = list(node_ids)
-        self.contexts = contexts or {}
-        self.replies: list[Message] = []
-        self._ids = itertools.count()
-
-    def get_node_ids(self):
-        self._calls = getattr(self, "_calls", 0) + 1  # Flower polls (sleeping 1 s) for more
-        if self._calls > 50:
-            raise RuntimeError("the strategy waits for more nodes than this grid has")
-        return self.node_ids
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:  # the SuperLink gives each message an id; replies refer to it
-            message.metadata.__dict__["_message_id"] = f"message-{next(self._ids)}"
-            replies.append(app(message, self.contexts[message.metadata.dst_node_id]))
-        self.replies += replies
-        return replies
 
 
 def dp_config(dp: str, noise: float = 0.0, clip: float = 1.0, **extra):
@@ -117,7 +91,7 @@ def test_server_fixed_averages_updates_clipped_to_the_norm(server_identity):
     strategy = with_dp(FedAvg(), cfg, num_sampled=3)
     global_arrays = random_arrays(rng)
     messages = list(
-        strategy.configure_train(1, record(global_arrays), ConfigRecord(), FakeGrid([1, 2, 3]))
+        strategy.configure_train(1, record(global_arrays), ConfigRecord(), Grid([1, 2, 3]))
     )
     updates = [scaled(random_arrays(rng), norm) for norm in (3.0, 0.4, 1.5)]
     examples = [10, 30, 60]
@@ -149,7 +123,7 @@ def test_server_fixed_noise_has_the_std_flower_promises(server_identity):
     # Every node sends the same small update: the aggregate minus it is the noise alone. (A zero
     # update would crash Flower's clipping: it divides by the update's norm.)
     update = {"w": np.full(100_000, 1e-4, dtype=np.float32)}
-    messages = strategy.configure_train(1, record(zeros), ConfigRecord(), FakeGrid(range(sampled)))
+    messages = strategy.configure_train(1, record(zeros), ConfigRecord(), Grid(range(sampled)))
     replies = [reply_to(m, update) for m in messages]
     aggregated, _ = strategy.aggregate_train(1, replies)
     values = aggregated.to_numpy_ndarrays()[0] - update["w"]
@@ -166,12 +140,12 @@ def test_flower_dp_skips_rounds_with_errors_and_keeps_the_noise_of_the_full_samp
     strategy = with_dp(FedAvg(), dp_config("server-fixed", noise=1.0, clip=1.0), 4)
     zeros = {"w": np.zeros(50_000, dtype=np.float32)}
     update = {"w": np.full(50_000, 1e-4, dtype=np.float32)}
-    messages = list(strategy.configure_train(1, record(zeros), ConfigRecord(), FakeGrid(range(4))))
+    messages = list(strategy.configure_train(1, record(zeros), ConfigRecord(), Grid(range(4))))
     failed = Message(Error(code=0, reason="node crashed"), reply_to=messages[1])
     assert strategy.aggregate_train(1, [reply_to(messages[0], update), failed]) == (None, None)
     assert FedAvg().aggregate_train(1, [reply_to(messages[0], update), failed])[0] is not None
 
-    strategy.configure_train(2, record(zeros), ConfigRecord(), FakeGrid(range(4)))
+    strategy.configure_train(2, record(zeros), ConfigRecord(), Grid(range(4)))
     aggregated, _ = strategy.aggregate_train(2, [reply_to(messages[0], update)])
     noise = aggregated.to_numpy_ndarrays()[0] - update["w"]
     assert noise.std() == pytest.approx(1.0 / 4, rel=0.03)  # not 1.0 / 1: under-noised
@@ -188,7 +162,7 @@ def test_server_adaptive_moves_the_norm_by_flowers_rule(server_identity, norms):
     clip = 1.0
     strategy = with_dp(FedAvg(), dp_config("server-adaptive", noise=0.0, clip=clip), 2)
     global_arrays = random_arrays(rng)
-    messages = strategy.configure_train(1, record(global_arrays), ConfigRecord(), FakeGrid([1, 2]))
+    messages = strategy.configure_train(1, record(global_arrays), ConfigRecord(), Grid([1, 2]))
     updates = [scaled(random_arrays(rng), n) for n in norms]
     replies = [reply_to(m, add(global_arrays, u)) for m, u in zip(messages, updates, strict=True)]
     aggregated, _ = strategy.aggregate_train(1, replies)
@@ -212,7 +186,7 @@ def test_client_adaptive_norm_follows_the_norm_bits_of_the_client_mod(server_ide
     strategy = with_dp(FedAvg(), cfg, 2)
     global_arrays = random_arrays(rng)
     messages = list(
-        strategy.configure_train(1, record(global_arrays), ConfigRecord(), FakeGrid([11, 12]))
+        strategy.configure_train(1, record(global_arrays), ConfigRecord(), Grid([11, 12]))
     )
     assert messages[0].content["config"][KEY_CLIPPING_NORM] == 1.0  # the wrapper sends it
     context = Context(1, 11, {}, RecordDict(), {"dp": "client-adaptive"})
@@ -226,9 +200,7 @@ def test_client_adaptive_norm_follows_the_norm_bits_of_the_client_mod(server_ide
         replies.append(reply)
     strategy.aggregate_train(1, replies)
     assert strategy.clipping_norm == pytest.approx(math.exp(0.2 * 0.5))  # Flower's rule
-    next_round = strategy.configure_train(
-        2, record(global_arrays), ConfigRecord(), FakeGrid([11, 12])
-    )
+    next_round = strategy.configure_train(2, record(global_arrays), ConfigRecord(), Grid([11, 12]))
     assert next(iter(next_round)).content["config"][KEY_CLIPPING_NORM] == strategy.clipping_norm
 
 
@@ -353,7 +325,7 @@ def _federated_rounds(tmp_path, tiny_bert, method: str, dp: str, noise: float, r
         node: Context(1, node, {"partition-id": i, "num-partitions": 2}, RecordDict(), run_config)
         for i, node in enumerate((11, 12))
     }
-    grid = FakeGrid(contexts, contexts)
+    grid = Grid(contexts, contexts)
     strategy = with_dp(build_strategy(cfg), cfg, sampled_per_round(cfg, len(contexts)))
     result = strategy.start(
         grid=WireRecorder(grid, ArrayRecord(factors) if factors is not None else None),
@@ -451,5 +423,5 @@ def test_sampled_per_round_is_what_the_strategy_samples(
     expected = sampled_per_round(cfg, num_nodes)
     strategy = with_dp(build_strategy(cfg), cfg, expected)
     arrays = record({"w": np.zeros(3)})
-    messages = strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(range(num_nodes)))
+    messages = strategy.configure_train(1, arrays, ConfigRecord(), Grid(range(num_nodes)))
     assert len(list(messages)) == expected == strategy.num_sampled_clients
