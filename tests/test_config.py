@@ -10,7 +10,14 @@ import pytest
 
 from federa_app.config import DEFAULTS, STRATEGIES, parse_overrides, parse_run_config
 from federa_app.errors import ConfigError
-from federa_app.strategies import STRATEGY_CLASSES, build_strategy, strategy_settings
+from federa_app.strategies import (
+    ABSOLUTE_DEFAULTS,
+    RELATIVE_DEFAULTS,
+    STRATEGY_CLASSES,
+    build_strategy,
+    resolved_parameters,
+    strategy_settings,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,8 +85,9 @@ def test_every_strategy_parameter_is_a_run_config_key():
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_every_strategy_builds_with_flowers_defaults(name):
-    strategy = build_strategy(parse_run_config({"strategy": name}))
+def test_every_strategy_builds_with_flowers_defaults_except_ours(name):
+    cfg = parse_run_config({"strategy": name})
+    strategy = build_strategy(cfg)
     if name == "svd-avg":
         assert strategy.rank == 8
     assert type(strategy) is STRATEGY_CLASSES[name]
@@ -89,9 +97,19 @@ def test_every_strategy_builds_with_flowers_defaults(name):
         for k, p in inspect.signature(type(strategy).__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
+    u = cfg.learning_rate * cfg.local_steps
+    ours = {
+        **{key: c * u for key, c in RELATIVE_DEFAULTS.get(name, {}).items()},
+        **ABSOLUTE_DEFAULTS.get(name, {}),
+    }
+    _, sources = resolved_parameters(cfg)
     for key, value in strategy_settings(strategy, name).items():
-        if key != "client-learning-rate":
+        if key in ours:
+            assert value == pytest.approx(ours[key]), (name, key)
+            assert sources[key].startswith("federa default"), (name, key)
+        else:
             assert value == defaults[key.replace("-", "_")], (name, key)
+            assert sources[key] == "flower default", (name, key)
 
 
 def test_strategy_parameters_are_set_and_checked():
@@ -99,8 +117,12 @@ def test_strategy_parameters_are_set_and_checked():
     assert (strategy.eta, strategy.tau, strategy.beta_1) == (0.05, 1e-4, 0.9)
     prox = build_strategy(parse_run_config({"strategy": "fedprox", "proximal-mu": 0.1}))
     assert prox.proximal_mu == 0.1
-    q = build_strategy(parse_run_config({"strategy": "qfedavg", "learning-rate": 0.003}))
+    q = build_strategy(parse_run_config({"strategy": "qfedavg", "client-learning-rate": 0.003}))
     assert q.client_learning_rate == 0.003
+    # The server optimisers' defaults follow the clients' movement per round.
+    adam = build_strategy(parse_run_config({"strategy": "fedadam", "learning-rate": 0.002}))
+    assert adam.eta == pytest.approx(RELATIVE_DEFAULTS["fedadam"]["eta"] * 0.002 * 10)
+    assert adam.tau == pytest.approx(RELATIVE_DEFAULTS["fedadam"]["tau"] * 0.002 * 10)
     with pytest.raises(ConfigError, match="eta does not apply to strategy 'fedavg'"):
         build_strategy(parse_run_config({"eta": 0.05}))
     with pytest.raises(

@@ -81,8 +81,21 @@ class Range:
 AT_LEAST_1 = Range(lo=1)
 AT_LEAST_0 = Range(lo=0)
 POSITIVE = Range(lo=0, lo_open=True)
+UNIT = Range(0, False, 1, True)  # [0, 1)
 RANGES: dict[str, Range] = {
-    **{key: AT_LEAST_0 for key in STRATEGY_PARAMS},
+    "server-learning-rate": POSITIVE,
+    "server-momentum": UNIT,
+    "proximal-mu": AT_LEAST_0,
+    "eta": POSITIVE,
+    "eta-l": POSITIVE,
+    "beta-1": UNIT,
+    "beta-2": UNIT,
+    "tau": POSITIVE,
+    "beta": Range(0, False, 0.5, True),  # FedTrimmedAvg cuts this fraction from each end
+    "num-malicious-nodes": AT_LEAST_0,
+    "num-nodes-to-select": AT_LEAST_1,
+    "q": AT_LEAST_0,
+    "client-learning-rate": POSITIVE,
     "num-server-rounds": AT_LEAST_1,
     "dirichlet-alpha": POSITIVE,
     "classes-per-client": AT_LEAST_1,
