@@ -1,4 +1,7 @@
-"""Build one of Flower's own strategies (`flwr.serverapp.strategy`) from the run config."""
+"""Build one of Flower's own strategies (`flwr.serverapp.strategy`, or `svd-avg`) from the run
+config: each strategy's parameters resolved (run config, else ours where Flower's defaults do not
+learn with a pre-trained model, else Flower's), checked against the node count, and the
+aggregate kept in the model's dtypes."""
 
 from __future__ import annotations
 
@@ -76,9 +79,9 @@ SVD_AVG_METHODS = ("federa", "lora")
 # movement per round, u = learning-rate x local-steps, and the server's update keeps its size
 # relative to FedAvg's whatever the method, model or learning rate.
 RELATIVE_DEFAULTS: dict[str, dict[str, float]] = {
-    "fedadam": {"eta": 0.2, "tau": 0.02},
-    "fedyogi": {"eta": 0.2, "tau": 0.02},
-    "fedadagrad": {"eta": 0.2, "tau": 0.02},
+    "fedadam": {"eta": 0.6, "tau": 0.02},
+    "fedyogi": {"eta": 0.6, "tau": 0.02},
+    "fedadagrad": {"eta": 0.2, "tau": 0.02},  # no momentum: its first step is the full eta
 }
 # q-FedAvg's client-learning-rate is its Lipschitz estimate L = 1/client-learning-rate: the
 # update shrinks by 1 / (1 + q L ||w - w_k||^2 / F_k); with Adam on the nodes (not q-FFL's plain
