@@ -438,6 +438,39 @@ def plot_updates(grid: Grid, chosen: list[dict[str, Any]], d: str, p: str, out: 
     plt.close(fig)
 
 
+def plot_strategies(grid: Grid, chosen: list[dict[str, Any]], d: str, p: str, out: Path) -> None:
+    """Accuracy and server-side loss vs round, one panel pair per method, a line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        2, len(grid.methods), figsize=(5 * len(grid.methods), 7.5), sharex=True, squeeze=False
+    )
+    for col, method in enumerate(grid.methods):
+        for strategy in grid.strategies:
+            rs = [r for r in chosen if _group(r["cell"]) == (method, d, p, strategy)]
+            if not rs:
+                continue
+            rounds = _mean_curve(rs, lambda rows, i: rows[i]["round"])
+            style = "--" if strategy in ("fedavg", "svd-avg") else "-"
+            for row, key in enumerate(("accuracy", "loss")):
+                curve = _mean_curve(rs, lambda rows, i, key=key: rows[i][key])
+                axes[row][col].plot(rounds, curve, style, marker="o", ms=3, label=strategy)
+        axes[0][col].set_title(method)
+        axes[1][col].set_xlabel("round")
+        for row in axes:
+            row[col].grid(alpha=0.3)
+    axes[0][0].set_ylabel("server-side test accuracy")
+    axes[1][0].set_ylabel("server-side test loss")
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Strategies: {d}, {partition_label(p)} ({grid.num_clients} clients)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def write_report(grid: Grid, out_dir: Path, note: str = "") -> str:
     """Write results.csv, results.md and the plots for the finished cells; return the markdown."""
     out_dir = Path(out_dir)
@@ -450,6 +483,10 @@ def write_report(grid: Grid, out_dir: Path, note: str = "") -> str:
             continue
         stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in d)[-30:]
         stem += "-iid" if p == "iid" else f"-alpha{p}"
+        if len(grid.strategies) > 1:
+            plot_strategies(grid, chosen, d, p, out_dir / f"strategies-{stem}.png")
+            plots.append(f"strategies-{stem}.png")
+            continue
         plot_setting(grid, chosen, d, p, out_dir / f"accuracy-{stem}.png")
         plot_updates(grid, chosen, d, p, out_dir / f"updates-{stem}.png")
         plots += [f"accuracy-{stem}.png", f"updates-{stem}.png"]
