@@ -68,6 +68,12 @@ CELL_KEYS = (
 # One setting of a strategy's own parameters: (key, value) pairs; () is the defaults.
 Variant = tuple[tuple[str, float | int], ...]
 
+
+def variant_label(variant: Variant) -> str:
+    """How a strategy setting reads in labels and tables: "eta=0.01 tau=0.001"."""
+    return " ".join(f"{k}={v:g}" for k, v in variant)
+
+
 Log = Callable[[str], object]
 
 
@@ -88,7 +94,7 @@ class Cell:
     @property
     def strategy_label(self) -> str:
         """The strategy and its swept settings: "fedadam eta=0.01"; "fedavg" alone."""
-        return " ".join([self.strategy, *(f"{k}={v:g}" for k, v in self.variant)])
+        return f"{self.strategy} {variant_label(self.variant)}".strip()
 
     @property
     def name(self) -> str:

@@ -23,7 +23,7 @@ from federa_app.config import parse_run_config
 from federa_app.edge import EdgeLink, edge_round_seconds, time_to_target
 from federa_app.records import SUMMARY_FILE, read_metrics
 from federa_app.strategies import refusal
-from simulation.compare import Cell, Grid, expand, partition_label, refused
+from simulation.compare import Cell, Grid, expand, partition_label, refused, variant_label
 
 # The paper's PEFT baselines (FedLR, FedBF, FedAP) and FFA-LoRA: the "fastest PEFT baseline".
 PEFT_BASELINES = ("lora", "bitfit", "adapter", "ffa-lora")
@@ -65,7 +65,7 @@ def _swept(cell: Cell) -> tuple[float, tuple]:
 
 def _swept_label(swept: tuple[float, tuple]) -> str:
     lr, variant = swept
-    return " ".join([f"{lr:g}", *(f"{k}={v:g}" for k, v in variant)])
+    return f"{lr:g} {variant_label(variant)}".strip()
 
 
 def late_accuracy(rows: list[dict[str, Any]]) -> float:
@@ -111,7 +111,7 @@ def write_csv(records: list[dict[str, Any]], path: Path) -> None:
                 "partition": cell.partition,
                 "seed": cell.seed,
                 "learning_rate": cell.learning_rate,
-                "strategy_params": " ".join(f"{k}={v:g}" for k, v in cell.variant),
+                "strategy_params": variant_label(cell.variant),
                 "chosen": r["chosen"],
                 **r["summary"],
                 "target_accuracy": r["target"],
@@ -261,7 +261,7 @@ def strategy_table(grid: Grid, records: list[dict[str, Any]], d: str, p: str) ->
         loss = mean(r["rows"][-1]["loss"] for r in rs)
         hits = [r["reached"]["rounds_to_target"] for r in rs if r["reached"]]
         rounds = f"{mean(hits):.1f}" if len(hits) == len(rs) else f"{len(hits)}/{len(rs)} reached"
-        params = " ".join(f"{k}={v:g}" for k, v in rs[0]["cell"].variant) or "defaults"
+        params = variant_label(rs[0]["cell"].variant) or "defaults"
         lines.append(
             f"| {strategy} | {method} | {params} "
             f"| {_mean_std([r['summary']['final_accuracy'] for r in rs], '.3f')} "
@@ -464,7 +464,9 @@ def plot_strategies(grid: Grid, chosen: list[dict[str, Any]], d: str, p: str, ou
             row[col].grid(alpha=0.3)
     axes[0][0].set_ylabel("server-side test accuracy")
     axes[1][0].set_ylabel("server-side test loss")
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if labelled:  # a method with no finished cell in this setting has no lines
+        labelled[-1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"Strategies: {d}, {partition_label(p)} ({grid.num_clients} clients)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
