@@ -52,14 +52,17 @@ RUN set -eu; \
     if [ -n "${TORCH_SPEC}" ]; then \
         python3 -m pip install ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "${TORCH_SPEC}"; \
     fi; \
-    mkdir -p /opt/federa/federa_app /opt/federa/simulation; \
-    touch /opt/federa/federa_app/__init__.py /opt/federa/simulation/__init__.py; \
+    for pkg in federa_app federa_ops simulation; do \
+        mkdir -p "/opt/federa/$pkg" && touch "/opt/federa/$pkg/__init__.py"; \
+    done; \
     python3 -m pip install /opt/federa; \
-    rm -rf /opt/federa/federa_app /opt/federa/simulation /opt/federa/build /opt/federa/*.egg-info
+    rm -rf /opt/federa/federa_app /opt/federa/federa_ops /opt/federa/simulation \
+        /opt/federa/build /opt/federa/*.egg-info
 
 # Then the project itself. federa_app is installed too: the app bundle (FAB) brings its own
-# copy, which is first on sys.path at run time; the installed one gives the `federa` command.
+# copy, which is first on sys.path at run time; federa_ops gives the `federa` command.
 COPY federa_app /opt/federa/federa_app
+COPY federa_ops /opt/federa/federa_ops
 COPY simulation /opt/federa/simulation
 RUN set -eu; \
     export PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1; \

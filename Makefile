@@ -53,10 +53,10 @@ format: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 bench: fetch
-	$(BIN)/python simulation/bench_overhead.py
-	$(BIN)/python simulation/bench_memory.py
-	$(BIN)/python simulation/bench_svd.py
-	$(BIN)/python simulation/bench_deploy.py
+	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_svd.py
+	$(BIN)/python benchmarks/bench_deploy.py
 
 # The comparison harness: `make compare GRID=quick` (a preset or a TOML file); see README.
 GRID ?= smoke

@@ -1,9 +1,9 @@
-"""Flower ServerApp: thin; the work is in `federa_app.server`."""
+"""Flower ServerApp: thin; the work is in `federa_app.federation.server`."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from federa_app.server import run_server
+from federa_app.federation.server import run_server
 
 app = ServerApp()
 

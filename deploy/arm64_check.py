@@ -190,9 +190,9 @@ def preflight() -> None:
 
 def run_check(report_path: Path) -> dict:
     """The whole check; writes and returns the report."""
-    from federa_app import assets
-    from federa_app.deploy import NodeNetwork, deploy_local
-    from federa_app.records import read_metrics
+    from federa_app.data import assets
+    from federa_app.records.run_dir import read_metrics
+    from federa_ops.deploy import NodeNetwork, deploy_local
 
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     preflight()

@@ -278,8 +278,8 @@ def prepare_workdir(workdir: Path) -> set[str]:
     """Certificates, node data, and an asset cache for the containers; the certs' sha256s."""
     import hashlib
 
-    from federa_app import assets
-    from federa_app.certs import make_credentials
+    from federa_app.data import assets
+    from federa_ops.certs import make_credentials
 
     creds = make_credentials(workdir / "certs", 2, ("superlink", "localhost", "127.0.0.1"))
     write_node_csvs([workdir / "data" / f"node-{i}" / "train.csv" for i in (1, 2)], NODE_ROWS, 7)
@@ -354,7 +354,7 @@ def superlink_healthy(ca_cert: Path) -> bool:
 
 
 def flwr(home: Path, *args: str, timeout: float = 120, check: bool = True) -> str:
-    from federa_app import runtime
+    from federa_ops import runtime
 
     env = runtime.flower_env(home)
     return run([str(runtime.BIN_DIR / "flwr"), *args], timeout=timeout, check=check, env=env,
@@ -400,8 +400,8 @@ def leftovers() -> dict:
 
 def run_federation(workdir: Path, report: dict) -> None:
     """Bring up the federation, register the nodes, run the app for 2 rounds, read the results."""
-    from federa_app import runtime
     from federa_app.config import to_flwr_overrides
+    from federa_ops import runtime
 
     home = workdir / "flwr-home"
     home.mkdir()
@@ -444,7 +444,7 @@ def run_federation(workdir: Path, report: dict) -> None:
 def deploy_local_rounds(workdir: Path) -> list[float]:
     """The same run with `federa deploy local` (2 nodes, TLS, process isolation, the same CSVs):
     its round seconds, for the containers-vs-processes comparison."""
-    from federa_app.deploy import deploy_local
+    from federa_ops.deploy import deploy_local
 
     run_dir = deploy_local(
         nodes=2,

@@ -151,9 +151,9 @@ def fail(error: CheckError) -> None:
 def write_node_csvs(paths: Sequence[Path], rows_per_node: int, seed: int) -> None:
     """Each node's own CSV file (text,label with label names): disjoint slices of a shuffled
     rotten-tomatoes train split, so that the nodes' data differ as on real devices."""
-    from federa_app import data
+    from federa_app.data import loading
 
-    train, _, labels = data.load_task("rotten-tomatoes", 0.2, 42)
+    train, _, labels = loading.load_task("rotten-tomatoes", 0.2, 42)
     rows = train.shuffle(seed=seed).select(range(len(paths) * rows_per_node))
     for i, path in enumerate(paths):
         part = rows.select(range(i * rows_per_node, (i + 1) * rows_per_node)).to_pandas()

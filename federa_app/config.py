@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import re
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from federa_app.errors import ConfigError
@@ -47,7 +49,18 @@ SECAGG_UNAVAILABLE = (
     "LegacyContext), not for the Message API strategies this app runs, so no strategy or method "
     "works with it; use secagg=false (dp=client-fixed or client-adaptive clips on the node)"
 )
-PARTITIONER_HELP = "dirichlet, iid, pathological, column:NAME"
+PARTITIONER_CHOICES: tuple[str, ...] = ("dirichlet", "iid", "pathological", "column:NAME")
+PARTITIONER_HELP = ", ".join(PARTITIONER_CHOICES)
+
+
+def partition_advice(spec: str) -> str:
+    """What a user can change when partitions come out empty or impossible."""
+    if spec == "dirichlet":
+        return "use a larger dirichlet-alpha or fewer clients"
+    if spec == "pathological":
+        return "use fewer clients or fewer classes-per-client"
+    return "use fewer clients"
+
 
 # `learning-rate = ""` picks the method's own rate. PEFT methods and full fine-tuning want very
 # different rates (FedPETuning swept 5e-5..1e-2 per method). These are the winners of the sweep
@@ -291,8 +304,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     )
     part = values["partitioner"]
     _check(
-        part in ("dirichlet", "iid", "pathological")
-        or (part.startswith("column:") and len(part) > 7),
+        part in PARTITIONER_CHOICES[:-1] or (part.startswith("column:") and len(part) > 7),
         "partitioner",
         part,
         "valid choices are " + PARTITIONER_HELP,
@@ -422,3 +434,16 @@ def to_flwr_overrides(values: dict[str, Any]) -> str:
         else:
             parts.append(f"{key}={_toml_string(str(value))}")
     return " ".join(parts)
+
+
+def default_app_dir() -> Path:
+    """The Flower app to run: this source tree (where pyproject.toml declares the app)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The app's `[tool.flwr.app.config]` defaults, as `flwr run` will merge them."""
+    pyproject = Path(app_dir) / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ConfigError(f"no Flower app at {app_dir}: pyproject.toml not found")
+    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]

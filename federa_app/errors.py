@@ -15,3 +15,7 @@ class AssetError(FederaError):
 
 class DataError(FederaError):
     """A dataset lacks a needed column, or a partition comes out empty."""
+
+
+class RunFailed(FederaError):
+    """The run started but did not finish well (ServerApp error, or a round without results)."""

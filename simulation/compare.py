@@ -25,14 +25,15 @@ from federa_app.config import (
     METHODS,
     STRATEGIES,
     STRATEGY_PARAMS,
+    app_defaults,
+    default_app_dir,
     parse_run_config,
 )
-from federa_app.edge import EdgeLink
-from federa_app.errors import ConfigError
-from federa_app.records import SUMMARY_FILE
-from federa_app.runtime import RunFailed
-from federa_app.simulate import app_defaults, default_app_dir, simulate, validate
-from federa_app.strategies import refusal
+from federa_app.errors import ConfigError, RunFailed
+from federa_app.federation.server import check_before_start
+from federa_app.federation.strategies import refusal
+from federa_app.records.edge import EdgeLink
+from federa_app.records.run_dir import SUMMARY_FILE
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 GRID_KEYS = (
@@ -75,6 +76,8 @@ def variant_label(variant: Variant) -> str:
 
 
 Log = Callable[[str], object]
+# simulate(num_clients, overrides, output_dir, app_dir, cpus_per_client, log) -> run directory
+RunCell = Callable[[int, dict[str, Any], Path, Path | None, int, Log], Path]
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ def load_grid(spec: str) -> Grid:
 def _strategy_params(table: dict, strategies: list[str], path: Path) -> dict[str, list[Variant]]:
     """[strategy-params]: per strategy a list of settings to sweep, e.g.
     `fedadam = [{eta = 0.01}, {eta = 0.03}]`; each key must be one of that strategy's own."""
-    from federa_app.strategies import own_parameters
+    from federa_app.federation.strategies import own_parameters
 
     where = f"grid {path} [strategy-params]"
     variants: dict[str, list[Variant]] = {}
@@ -308,13 +311,16 @@ def check_cells(grid: Grid, cells: list[Cell]) -> None:
         seen.add(what)
         try:
             cfg = parse_run_config({**app_defaults(default_app_dir()), **cell.overrides})
-            validate(cfg, grid.num_clients)
+            check_before_start(cfg, grid.num_clients)
         except ConfigError as exc:
             raise ConfigError(f"cell {cell.name}: {exc}") from None
 
 
-def run_grid(grid: Grid, out_dir: Path, log: Log = print) -> list[tuple[Cell, str]]:
-    """Run every unfinished cell; returns the failed cells with their reasons."""
+def run_grid(grid: Grid, out_dir: Path, run: RunCell, log: Log = print) -> list[tuple[Cell, str]]:
+    """Run every unfinished cell with `run` (`federa simulate`'s function); return the failures.
+
+    `run` is passed in so that the harness stays below the operator's tools that start processes.
+    """
     out_dir = Path(out_dir).resolve()
     cells = expand(grid)
     todo = [c for c in cells if not is_finished(out_dir, c)]
@@ -333,7 +339,7 @@ def run_grid(grid: Grid, out_dir: Path, log: Log = print) -> list[tuple[Cell, st
         started = time.perf_counter()
         overrides = {**cell.overrides, "run-name": cell.name}
         try:
-            simulate(grid.num_clients, overrides, runs, None, grid.cpus_per_client, _indent(log))
+            run(grid.num_clients, overrides, runs, None, grid.cpus_per_client, _indent(log))
         except RunFailed as exc:
             log(f"  FAILED: {exc}")
             failures.append((cell, str(exc)))

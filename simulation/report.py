@@ -20,9 +20,9 @@ from statistics import mean, stdev
 from typing import Any
 
 from federa_app.config import parse_run_config
-from federa_app.edge import EdgeLink, edge_round_seconds, time_to_target
-from federa_app.records import SUMMARY_FILE, read_metrics
-from federa_app.strategies import refusal
+from federa_app.federation.strategies import refusal
+from federa_app.records.edge import EdgeLink, edge_round_seconds, time_to_target
+from federa_app.records.run_dir import SUMMARY_FILE, read_metrics
 from simulation.compare import Cell, Grid, expand, partition_label, refused, variant_label
 
 # The paper's PEFT baselines (FedLR, FedBF, FedAP) and FFA-LoRA: the "fastest PEFT baseline".

@@ -7,7 +7,7 @@ import tempfile
 
 # The hub is unreachable here: say so up front instead of letting each lookup time out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Nodes cache their prepared rows on disk (data.cached_node_train_data): keep the tests' apart.
+# Nodes cache their prepared rows on disk (loading.cached_node_train_data): keep the tests' apart.
 os.environ.setdefault("FEDERA_NODE_CACHE", tempfile.mkdtemp(prefix="federa-test-node-cache-"))
 
 import itertools  # noqa: E402

@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import write_toy_csv
 
-from federa_app.cli import main
+from federa_ops.cli import main
 
 
 @pytest.fixture

@@ -15,12 +15,13 @@ from flwr.app.message import make_message
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from federa_app import data, models
-from federa_app.client import handle_train
 from federa_app.config import parse_run_config
-from federa_app.models import build_model, initial_factors, trainable_state
-from federa_app.server import make_train_config
-from federa_app.wire import INIT_FACTORS_KEY, NODE_REPORT_KEY
+from federa_app.data import loading
+from federa_app.federation.client import handle_train
+from federa_app.federation.server import make_train_config
+from federa_app.federation.wire import INIT_FACTORS_KEY, NODE_REPORT_KEY
+from federa_app.method import models
+from federa_app.method.models import build_model, initial_factors, trainable_state
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ("negative", "positive")
@@ -35,8 +36,8 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from federa_app.client import handle_train
-from federa_app import models
+from federa_app.federation.client import handle_train
+from federa_app.method import models
 work = Path(sys.argv[2])
 spec = json.loads((work / "spec.json").read_text())
 msg = message_from_proto(ProtoMessage.FromString((work / "message.pb").read_bytes()))
@@ -51,14 +52,14 @@ print(json.dumps({"heavy": heavy, "cached_models": models.pretrained_model.cache
 def test_a_warm_message_process_skips_datasets_and_keeps_one_model_copy(
     tmp_path, tiny_bert, server_identity, monkeypatch
 ):
-    monkeypatch.setenv(data.NODE_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(loading.NODE_CACHE_ENV, str(tmp_path / "cache"))
     config = {
         "model": str(tiny_bert), "dataset": "csv:/not/on/this/node.csv", "method": "federa",
         "lora-rank": 2, "local-steps": 2, "batch-size": 8, "num-threads": 1,
     }  # fmt: skip
     cfg = parse_run_config(config)
     node_config = {"data": f"csv:{write_toy_csv(tmp_path / 'node.csv', rows=30)}"}
-    data.cached_node_train_data(node_config, cfg, LABELS)  # the node's first message did this
+    loading.cached_node_train_data(node_config, cfg, LABELS)  # the node's first message did this
 
     factors = initial_factors(cfg, str(tiny_bert), LABELS)  # the server's part
     model = build_model(cfg, str(tiny_bert), LABELS, factors)
@@ -124,8 +125,8 @@ def test_a_train_message_of_a_fresh_node_still_reads_its_file(tmp_path, tiny_ber
     config = {"model": str(tiny_bert), "method": "lora", "lora-rank": 2, "local-steps": 1}
     node_config = {"data": f"csv:{write_toy_csv(tmp_path / 'node.csv', rows=12)}"}
     cfg = parse_run_config(config)
-    cold = data.cached_node_train_data(node_config, cfg, LABELS)
-    warm = data.cached_node_train_data(node_config, cfg, LABELS)
+    cold = loading.cached_node_train_data(node_config, cfg, LABELS)
+    warm = loading.cached_node_train_data(node_config, cfg, LABELS)
     assert cold.to_dict() == warm.to_dict() and len(warm) == 12
     model = build_model(cfg, str(tiny_bert), LABELS)
     content = RecordDict(

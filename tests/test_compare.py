@@ -12,7 +12,8 @@ import pytest
 
 from federa_app.config import METHOD_LEARNING_RATES
 from federa_app.errors import ConfigError
-from federa_app.records import SUMMARY_FILE
+from federa_app.records.run_dir import SUMMARY_FILE
+from federa_ops.simulate import simulate
 from simulation.compare import expand, is_finished, load_grid, run_grid
 from simulation.report import late_accuracy, write_report
 
@@ -21,7 +22,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "adapter", "accurac
 
 def _compare(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "federa_app.cli", "compare", *args],
+        [sys.executable, "-m", "federa_ops.cli", "compare", *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -173,7 +174,7 @@ def test_skip_finished_and_report_arithmetic(tmp_path: Path) -> None:
         json.dumps({"method": "federa", "final_accuracy": 0.8, "best_accuracy": 0.8})
     )
     lines = []
-    assert run_grid(grid, out, log=lines.append) == []  # all finished: nothing runs
+    assert run_grid(grid, out, simulate, log=lines.append) == []  # all finished: nothing runs
     assert lines[0].endswith("8 cells, 8 finished")
 
     text = write_report(grid, out)

@@ -10,7 +10,7 @@ import pytest
 
 from federa_app.config import DEFAULTS, STRATEGIES, parse_overrides, parse_run_config
 from federa_app.errors import ConfigError
-from federa_app.strategies import (
+from federa_app.federation.strategies import (
     ABSOLUTE_DEFAULTS,
     RELATIVE_DEFAULTS,
     STRATEGY_CLASSES,

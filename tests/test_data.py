@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset
 from flwr_datasets.partitioner import DirichletPartitioner
 from transformers import BertTokenizer
 
-from federa_app import assets, data, partitioning
+from federa_app.data import assets, loading, partitioning
 from federa_app.errors import AssetError, ConfigError, DataError
 
 SPECS = ("iid", "dirichlet", "pathological", "column:group")
@@ -41,9 +41,9 @@ def synthetic(rows: int = 2000, num_labels: int = 4, num_groups: int = 37, seed:
 
 def partition_indices(train: Dataset, spec: str, n: int = 5, seed: int = 7, alpha: float = 0.5):
     """Each partition's sorted `idx` values, computed afresh (in-process memo cleared)."""
-    data._MEMO.clear()
+    loading._MEMO.clear()
     return [
-        sorted(data.client_partition(train, spec, n, pid, seed, alpha, 2)["idx"])
+        sorted(loading.client_partition(train, spec, n, pid, seed, alpha, 2)["idx"])
         for pid in range(n)
     ]
 
@@ -56,7 +56,7 @@ def test_partitions_are_deterministic_disjoint_and_cover_the_train_split(spec: s
     assert partition_indices(train, spec, seed=8) != first  # the seed matters
     every_row = [i for part in first for i in part]
     assert sorted(every_row) == list(range(len(train)))  # disjoint and complete
-    assert data.partition_sizes(train, spec, 5, 7, 0.5, 2) == [len(part) for part in first]
+    assert loading.partition_sizes(train, spec, 5, 7, 0.5, 2) == [len(part) for part in first]
 
 
 def test_partitions_and_split_are_the_same_in_a_fresh_process() -> None:
@@ -64,7 +64,7 @@ def test_partitions_and_split_are_the_same_in_a_fresh_process() -> None:
         "import json, sys; sys.path.insert(0, sys.argv[1]); import datasets\n"
         "datasets.disable_progress_bars()\n"
         "from tests.test_data import SPECS, synthetic, partition_indices\n"
-        "from federa_app.data import split_train_test\n"
+        "from federa_app.data.loading import split_train_test\n"
         "train, test = split_train_test(synthetic(), 0.25, 3)\n"
         "out = {s: partition_indices(train, s) for s in SPECS}\n"
         "out['test'] = list(test['idx'])\n"
@@ -76,7 +76,7 @@ def test_partitions_and_split_are_the_same_in_a_fresh_process() -> None:
     )
     assert result.returncode == 0, result.stderr
     other = json.loads(result.stdout.strip().splitlines()[-1])
-    train, test = data.split_train_test(synthetic(), 0.25, 3)
+    train, test = loading.split_train_test(synthetic(), 0.25, 3)
     assert other["test"] == list(test["idx"])
     for spec in SPECS:
         assert other[spec] == partition_indices(train, spec), spec
@@ -84,9 +84,9 @@ def test_partitions_and_split_are_the_same_in_a_fresh_process() -> None:
 
 def test_split_is_seeded_stratified_and_complete() -> None:
     ds = synthetic(rows=1000)
-    train, test = data.split_train_test(ds, 0.2, seed=1)
-    data._MEMO.clear()
-    again_train, again_test = data.split_train_test(ds, 0.2, seed=1)
+    train, test = loading.split_train_test(ds, 0.2, seed=1)
+    loading._MEMO.clear()
+    again_train, again_test = loading.split_train_test(ds, 0.2, seed=1)
     assert list(test["idx"]) == list(again_test["idx"])
     assert list(train["idx"]) == list(again_train["idx"])
     assert sorted([*train["idx"], *test["idx"]]) == list(range(1000))
@@ -95,7 +95,7 @@ def test_split_is_seeded_stratified_and_complete() -> None:
     for label, count in everywhere.items():
         assert abs(held_out[label] - 0.2 * count) <= 1  # stratified
     with pytest.raises(ConfigError, match="1.5"):
-        data.split_train_test(ds, 1.5, seed=1)
+        loading.split_train_test(ds, 1.5, seed=1)
 
 
 def mean_label_skew(train: Dataset, alpha: float, n: int = 10) -> float:
@@ -104,7 +104,7 @@ def mean_label_skew(train: Dataset, alpha: float, n: int = 10) -> float:
     overall = np.bincount(labels, minlength=4) / len(labels)
     distances = []
     for pid in range(n):
-        part = np.array(data.client_partition(train, "dirichlet", n, pid, 0, alpha, 2)["label"])
+        part = np.array(loading.client_partition(train, "dirichlet", n, pid, 0, alpha, 2)["label"])
         local = np.bincount(part, minlength=4) / len(part)
         distances.append(0.5 * np.abs(local - overall).sum())
     return float(np.mean(distances))
@@ -121,31 +121,31 @@ def test_column_partitioner_keeps_each_value_on_one_client() -> None:
     train = synthetic(rows=1500, num_groups=37)
     owners: dict[str, set[int]] = {}
     for pid in range(6):
-        for group in data.client_partition(train, "column:group", 6, pid, 0, 0.5, 2)["group"]:
+        for group in loading.client_partition(train, "column:group", 6, pid, 0, 0.5, 2)["group"]:
             owners.setdefault(group, set()).add(pid)
     assert len(owners) == 37
     assert all(len(pids) == 1 for pids in owners.values())
     assert {pid for pids in owners.values() for pid in pids} == set(range(6))  # exactly 6 clients
     with pytest.raises(DataError, match="only 37 distinct values"):
-        data.partition_sizes(train, "column:group", 40, 0, 0.5, 2)
+        loading.partition_sizes(train, "column:group", 40, 0, 0.5, 2)
     with pytest.raises(DataError, match="no column 'speaker'.*group"):
-        data.partition_sizes(train, "column:speaker", 3, 0, 0.5, 2)
+        loading.partition_sizes(train, "column:speaker", 3, 0, 0.5, 2)
 
 
 def test_pathological_gives_each_client_the_chosen_number_of_classes() -> None:
     train = synthetic(rows=1200)
     for pid in range(8):
-        part = data.client_partition(train, "pathological", 8, pid, 0, 0.5, 2)
+        part = loading.client_partition(train, "pathological", 8, pid, 0, 0.5, 2)
         assert len(set(part["label"])) == 2
 
 
 def test_empty_or_impossible_partitions_raise_data_error(monkeypatch) -> None:
     tiny = synthetic(rows=5)
     with pytest.raises(DataError, match="5 training rows into 8 partitions.*fewer clients"):
-        data.partition_sizes(tiny, "iid", 8, 0, 0.5, 2)
-    assert data.partition_sizes(tiny, "iid", 5, 0, 0.5, 2) == [1] * 5
+        loading.partition_sizes(tiny, "iid", 8, 0, 0.5, 2)
+    assert loading.partition_sizes(tiny, "iid", 5, 0, 0.5, 2) == [1] * 5
     with pytest.raises(DataError, match="larger dirichlet-alpha"):
-        data.partition_sizes(synthetic(rows=60), "dirichlet", 30, 0, 0.001, 2)
+        loading.partition_sizes(synthetic(rows=60), "dirichlet", 30, 0, 0.001, 2)
 
     # A partitioner allowed to leave clients empty: the guard names the first empty one.
     def allow_empty(spec, num_partitions, seed, alpha, k):
@@ -153,17 +153,17 @@ def test_empty_or_impossible_partitions_raise_data_error(monkeypatch) -> None:
 
     monkeypatch.setattr(partitioning, "make_partitioner", allow_empty)
     skewed = synthetic(rows=200)
-    sizes = [len(part) for part in data._partitions(skewed, "dirichlet", 20, 7, 0.01, 2)]
+    sizes = [len(part) for part in loading._partitions(skewed, "dirichlet", 20, 7, 0.01, 2)]
     first_empty = sizes.index(0)
     with pytest.raises(DataError, match=f"partition {first_empty} of 20 is empty.*dirichlet-alpha"):
-        data.partition_sizes(skewed, "dirichlet", 20, 7, 0.01, 2)
+        loading.partition_sizes(skewed, "dirichlet", 20, 7, 0.01, 2)
     with pytest.raises(DataError, match=f"partition {first_empty} of 20 is empty"):
-        data.client_partition(skewed, "dirichlet", 20, first_empty, 7, 0.01, 2)
+        loading.client_partition(skewed, "dirichlet", 20, first_empty, 7, 0.01, 2)
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="dirichlet, iid, pathological, column:NAME"):
         partitioning.make_partitioner("shards", 4, 0, 0.5, 2)
     with pytest.raises(ConfigError, match="partition id 9"):
-        data.client_partition(tiny, "iid", 3, 9, 0, 0.5, 2)
+        loading.client_partition(tiny, "iid", 3, 9, 0, 0.5, 2)
 
 
 def test_csv_with_string_labels_and_text_pair(tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_csv_with_string_labels_and_text_pair(tmp_path: Path) -> None:
         "it rains,it may rain,maybe,x\n"
         "sun is out,it is sunny,yes,y\n"
     )
-    ds, names = data.load_labelled(f"csv:{path}")
+    ds, names = loading.load_labelled(f"csv:{path}")
     assert names == ["maybe", "no", "yes"]  # sorted, so ids are the same everywhere
     assert list(ds["label"]) == [2, 1, 0, 2]
     assert list(ds["text_pair"])[1] == "nobody moves"
@@ -186,7 +186,7 @@ def test_json_with_integer_labels_sorted_as_numbers(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     rows = [{"text": f"row {i}", "label": label} for i, label in enumerate([10, 2, 7, 2, 10])]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    ds, names = data.load_labelled(f"json:{path}")
+    ds, names = loading.load_labelled(f"json:{path}")
     assert names == ["2", "7", "10"]
     assert list(ds["label"]) == [2, 0, 1, 0, 2]
 
@@ -195,28 +195,28 @@ def test_missing_label_column_names_the_file_and_columns(tmp_path: Path) -> None
     path = tmp_path / "nolabel.csv"
     path.write_text("text,target\nhello,1\nbye,0\n")
     with pytest.raises(DataError, match=r"nolabel\.csv.*no 'label' column.*text, target"):
-        data.load_labelled(f"csv:{path}")
+        loading.load_labelled(f"csv:{path}")
 
 
 def test_unparsable_file_gives_data_error_with_the_parser_reason(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "a", "label": 1}\n{broken\n')
     with pytest.raises(DataError, match=r"could not read json file .*broken\.jsonl: JSON parse"):
-        data.load_labelled(f"json:{path}")
+        loading.load_labelled(f"json:{path}")
 
 
 def test_unknown_or_missing_dataset_gives_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="imdb.*rotten-tomatoes, trec6, sms-spam, csv:PATH"):
-        data.validate_dataset_name("imdb")
+        loading.validate_dataset_name("imdb")
     with pytest.raises(ConfigError, match="no such file"):
-        data.load_labelled(f"csv:{tmp_path / 'absent.csv'}")
-    data.validate_dataset_name("hf:glue:sst2")  # syntax only: nothing is loaded
+        loading.load_labelled(f"csv:{tmp_path / 'absent.csv'}")
+    loading.validate_dataset_name("hf:glue:sst2")  # syntax only: nothing is loaded
 
 
 def test_hub_dataset_offline_gives_asset_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(AssetError, match="hub dataset 'nobody/nothing'.*offline only"):
-        data.load_labelled("hf:nobody/nothing")
+        loading.load_labelled("hf:nobody/nothing")
 
 
 def test_make_loader_pads_each_batch_to_its_longest_row(tmp_path: Path) -> None:
@@ -226,22 +226,22 @@ def test_make_loader_pads_each_batch_to_its_longest_row(tmp_path: Path) -> None:
     texts = ["the cat", "the dog sat", "a very long sentence with many words in it on a mat", "it"]
     ds = Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1], "idx": [0, 1, 2, 3]})
 
-    short = list(data.make_loader(ds.select([0, 1]), tokenizer, 2, 12, False, 0))
+    short = list(loading.make_loader(ds.select([0, 1]), tokenizer, 2, 12, False, 0))
     assert len(short) == 1 and short[0]["input_ids"].shape == (2, 5)  # [CLS] the dog sat [SEP]
     assert short[0]["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     tokens = tokenizer.convert_ids_to_tokens(short[0]["input_ids"][1].tolist())
     assert tokens == ["[CLS]", "the", "dog", "sat", "[SEP]"]  # real words, not [UNK]
-    batches = list(data.make_loader(ds, tokenizer, 2, 12, False, 0))
+    batches = list(loading.make_loader(ds, tokenizer, 2, 12, False, 0))
     assert [b["input_ids"].shape[1] for b in batches] == [5, 12]  # the long row is truncated
     assert set(batches[0]) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
     assert batches[1]["labels"].tolist() == [0, 1]
 
-    shuffled = [b["labels"].tolist() for b in data.make_loader(ds, tokenizer, 1, 12, True, 5)]
-    again = [b["labels"].tolist() for b in data.make_loader(ds, tokenizer, 1, 12, True, 5)]
+    shuffled = [b["labels"].tolist() for b in loading.make_loader(ds, tokenizer, 1, 12, True, 5)]
+    again = [b["labels"].tolist() for b in loading.make_loader(ds, tokenizer, 1, 12, True, 5)]
     assert shuffled == again
 
     pairs = ds.add_column("text_pair", ["a mat", "on a mat", "it", "the cat sat on a mat"])
-    batch = next(iter(data.make_loader(pairs.select([0]), tokenizer, 1, 12, False, 0)))
+    batch = next(iter(loading.make_loader(pairs.select([0]), tokenizer, 1, 12, False, 0)))
     assert batch["token_type_ids"].tolist() == [
         [0, 0, 0, 0, 1, 1, 1]
     ]  # [CLS] the cat [SEP] a mat [SEP]
@@ -256,11 +256,11 @@ def test_plain_rows_give_the_batches_a_dataset_gives() -> None:
     pairs = ["a mat", "", "the dog", "cat", "on", "very very long"]
     ds = Dataset.from_dict({"text": texts, "text_pair": pairs, "label": [0, 1, 1, 0, 1, 0]})
     ds = ds.cast_column("label", ClassLabel(names=["neg", "pos"]))
-    rows = data.Rows.from_dataset(ds)
+    rows = loading.Rows.from_dataset(ds)
     assert len(rows) == 6 and rows.label_names == ("neg", "pos")
     for shuffle in (False, True):
-        from_ds = list(data.make_loader(ds, tokenizer, 4, 6, shuffle, 3))
-        from_rows = list(data.make_loader(rows, tokenizer, 4, 6, shuffle, 3))
+        from_ds = list(loading.make_loader(ds, tokenizer, 4, 6, shuffle, 3))
+        from_rows = list(loading.make_loader(rows, tokenizer, 4, 6, shuffle, 3))
         assert len(from_ds) == len(from_rows) == 2
         for a, b in zip(from_ds, from_rows, strict=True):
             assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -318,9 +318,9 @@ def test_asset_path_of_missing_or_unknown_asset(tmp_path, monkeypatch) -> None:
         assets.asset_path("minilm-l6")
     with pytest.raises(AssetError, match="unknown asset 'bert'.*minilm-l6, rotten-tomatoes"):
         assets.asset_path("bert")
-    data._load_labelled_cached.cache_clear()  # an earlier test may have loaded it
+    loading._load_labelled_cached.cache_clear()  # an earlier test may have loaded it
     with pytest.raises(AssetError, match="federa fetch"):
-        data.load_labelled("sms-spam")  # nothing cached for this FEDERA_HOME
+        loading.load_labelled("sms-spam")  # nothing cached for this FEDERA_HOME
 
 
 @pytest.mark.integration
@@ -332,12 +332,12 @@ def test_real_datasets_have_the_documented_sizes() -> None:
         "sms-spam": (5_574, {"ham": 4_827, "spam": 747}),
     }
     for name, (rows, label_counts) in expected.items():
-        ds, names = data.load_labelled(name)
+        ds, names = loading.load_labelled(name)
         counts = Counter(names[label] for label in ds["label"])
         assert len(ds) == rows, name
         assert {k: counts[k] for k in label_counts} == label_counts, name
-    _, trec_labels = data.load_labelled("trec6")
+    _, trec_labels = loading.load_labelled("trec6")
     assert trec_labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
-    rotten, _ = data.load_labelled("rotten-tomatoes")
+    rotten, _ = loading.load_labelled("rotten-tomatoes")
     assert len(set(rotten["movie_name"])) == 507
     assert (assets.asset_path("minilm-l6") / "model.safetensors").stat().st_size > 80e6

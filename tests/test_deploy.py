@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.serialization.ssh import (
     load_ssh_public_key,
 )
 
-from federa_app import runtime
-from federa_app.certs import make_credentials
-from federa_app.cli import main
-from federa_app.deploy import Deployment, online_nodes, register_node, start_node, start_superlink
 from federa_app.errors import ConfigError
+from federa_ops import runtime
+from federa_ops.certs import make_credentials
+from federa_ops.cli import main
+from federa_ops.deploy import Deployment, online_nodes, register_node, start_node, start_superlink
 
 FEDERA = Path(sys.executable).parent / "federa"
 

@@ -32,7 +32,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from federa_app import certs
+from federa_ops import certs
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -344,7 +344,7 @@ def test_build_context_holds_only_what_is_copied(dockerfile: list[Instruction]) 
         "simulation/mine.csv",
     ):
         assert is_ignored(left_out, rules), left_out
-    assert not is_ignored("federa_app/client.py", rules)
+    assert not is_ignored("federa_app/federation/client.py", rules)
     assert not is_ignored("simulation/presets/smoke.toml", rules)
 
 
@@ -412,9 +412,9 @@ def test_copied_files_build_the_project_with_pyproject_dependencies(
     built = {str(Requirement(r)) for r in metadata.get_all("Requires-Dist") or []}
     declared = {str(Requirement(r)) for r in pyproject["project"]["dependencies"]}
     assert {r for r in built if "extra ==" not in r} == declared
-    assert "federa_app/client.py" in names
+    assert "federa_app/federation/client.py" in names
     assert any(n.startswith("simulation/presets/") and n.endswith(".toml") for n in names)
-    assert "federa = federa_app.cli:main" in entry_points
+    assert "federa = federa_ops.cli:main" in entry_points
 
 
 def test_runs_as_non_root_with_the_cache_as_a_volume(
@@ -429,7 +429,7 @@ def test_runs_as_non_root_with_the_cache_as_a_volume(
     env = env_values(dockerfile)
     volumes = [v for ins in dockerfile if ins.cmd == "VOLUME" for v in json.loads(ins.args)]
     assert volumes == [env["FEDERA_HOME"]]
-    from federa_app import assets
+    from federa_app.data import assets
 
     monkeypatch.setenv("FEDERA_HOME", env["FEDERA_HOME"])
     assert assets.federa_home() == Path(env["FEDERA_HOME"]), "the code must read this variable"

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from federa_app.config import parse_run_config
-from federa_app.edge import EdgeLink, edge_round_seconds, time_to_target
-from federa_app.federa_init import lora_layers
-from federa_app.models import build_model, initial_factors
-from federa_app.records import read_metrics
-from federa_app.updates import UpdateTracker, effective_weights
+from federa_app.method.federa_init import lora_layers
+from federa_app.method.models import build_model, initial_factors
+from federa_app.records.edge import EdgeLink, edge_round_seconds, time_to_target
+from federa_app.records.run_dir import read_metrics
+from federa_app.records.updates import UpdateTracker, effective_weights
 
 # Three rounds after round 0. client_costs: [ClientApp seconds, bytes up, bytes down].
 ROWS = [

@@ -19,15 +19,15 @@ import torch
 from conftest import write_toy_csv
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from federa_app import checkpoint
-from federa_app.client import TRAIN_METRIC_KEYS
 from federa_app.config import STRATEGIES, parse_run_config, to_flwr_overrides
 from federa_app.errors import ConfigError
-from federa_app.privacy import with_dp
-from federa_app.records import read_metrics
-from federa_app.simulate import simulate
-from federa_app.strategies import build_strategy
-from federa_app.validation import reject_reason
+from federa_app.federation import checkpoint
+from federa_app.federation.client import TRAIN_METRIC_KEYS
+from federa_app.federation.privacy import with_dp
+from federa_app.federation.strategies import build_strategy
+from federa_app.federation.validation import reject_reason
+from federa_app.records.run_dir import read_metrics
+from federa_ops.simulate import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 SENT = {"lora_A": np.ones((2, 3), np.float32), "head.bias": np.zeros(2, np.float32)}
@@ -217,7 +217,7 @@ def test_resume_refuses_a_changed_run_or_one_without_rounds_left(tmp_path):
 
 
 def test_resume_of_a_directory_without_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
-    from federa_app.cli import main
+    from federa_ops.cli import main
 
     assert main(["simulate", "--resume", str(tmp_path / "nothing")]) == 2
     assert main(["deploy", "local", "--resume", str(tmp_path)]) == 2
@@ -234,7 +234,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.clientapp import ClientApp
 
-from federa_app.client import handle_train
+from federa_app.federation.client import handle_train
 
 app = ClientApp()
 HONEST_DIR = {honest_dir!r}
@@ -358,7 +358,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, tiny_be
     }  # fmt: skip
     killed_dir = tmp_path / "runs" / "killed"
     overrides = to_flwr_overrides(_tiny(tiny_bert, csv, **settings, **{"run-name": "killed"}))
-    command = [sys.executable, "-m", "federa_app.cli", "simulate", "--num-clients", "2",
+    command = [sys.executable, "-m", "federa_ops.cli", "simulate", "--num-clients", "2",
                "--output-dir", str(tmp_path / "runs"), "--run-config", overrides]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

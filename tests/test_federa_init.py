@@ -6,8 +6,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from federa_app.config import parse_run_config
-from federa_app.federa_init import lora_layers
-from federa_app.models import build_model, initial_factors, load_base_model, trainable_state
+from federa_app.method.federa_init import lora_layers
+from federa_app.method.models import build_model, initial_factors, load_base_model, trainable_state
 
 LABELS = ("negative", "positive")
 
@@ -117,7 +117,7 @@ def test_residual_is_the_same_bits_as_an_independent_fixed_order_computation():
     rounded once, bit for bit, with any number of threads (an arm64 node computes the same)."""
     import numpy as np
 
-    from federa_app.federa_init import residual_weight
+    from federa_app.method.federa_init import residual_weight
 
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(96, 80, generator=gen)
@@ -141,7 +141,7 @@ def test_residual_is_the_same_bits_as_an_independent_fixed_order_computation():
 
 
 def test_residual_digest_tells_equal_and_different_residuals_apart(tiny_bert):
-    from federa_app.federa_init import residual_digest
+    from federa_app.method.federa_init import residual_digest
 
     cfg = _cfg(tiny_bert)
     factors = initial_factors(cfg, str(tiny_bert), LABELS)

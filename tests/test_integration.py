@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from federa_app import assets, data
-from federa_app.cli import main
-from federa_app.models import load_saved_model, load_tokenizer, resolve_model
-from federa_app.records import read_metrics
-from federa_app.simulate import simulate
-from federa_app.training import evaluate
+from federa_app.data import assets, loading
+from federa_app.method.models import load_saved_model, load_tokenizer, resolve_model
+from federa_app.method.training import evaluate
+from federa_app.records.run_dir import read_metrics
+from federa_ops.cli import main
+from federa_ops.simulate import simulate
 
 
 @pytest.mark.integration
@@ -32,9 +32,11 @@ def test_federa_learns_on_the_real_model_and_data_and_the_adapter_reloads(tmp_pa
     config = json.loads((run_dir / "config.json").read_text())
     model_dir = resolve_model("minilm-l6")
     model = load_saved_model(run_dir / "adapter", model_dir, tuple(config["labels"]))
-    dataset, labels = data.load_labelled("rotten-tomatoes")
-    _, test = data.split_train_test(dataset, config["test-fraction"], config["seed"])
-    loader = data.make_loader(test, load_tokenizer(model_dir), 64, config["max-length"], False, 0)
+    dataset, labels = loading.load_labelled("rotten-tomatoes")
+    _, test = loading.split_train_test(dataset, config["test-fraction"], config["seed"])
+    loader = loading.make_loader(
+        test, load_tokenizer(model_dir), 64, config["max-length"], False, 0
+    )
     scores = evaluate(model, loader, len(labels))
     assert scores["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1.5 / len(test))
 

@@ -9,10 +9,11 @@ from conftest import write_toy_csv
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from federa_app import data
-from federa_app.client import handle_train
 from federa_app.config import METHODS, parse_run_config
-from federa_app.models import (
+from federa_app.data import loading
+from federa_app.federation.client import handle_train
+from federa_app.federation.wire import INIT_FACTORS_KEY
+from federa_app.method.models import (
     build_model,
     initial_factors,
     load_base_model,
@@ -20,8 +21,7 @@ from federa_app.models import (
     load_trainable_state,
     trainable_state,
 )
-from federa_app.training import evaluate
-from federa_app.wire import INIT_FACTORS_KEY
+from federa_app.method.training import evaluate
 
 
 def _expected_names(method: str, names: set[str]) -> set[str]:
@@ -50,13 +50,13 @@ def test_method_round_trip_carries_its_tensors_and_learns(
         "batch-size": 16, "learning-rate": 0.01,
     }  # fmt: skip
     cfg = parse_run_config(run_config)
-    train, test, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
+    train, test, labels = loading.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     factors = initial_factors(cfg, str(tiny_bert), labels) if cfg.uses_svd_init else None
     server_model = build_model(cfg, str(tiny_bert), labels, factors)
     global_state = trainable_state(server_model)
     all_names = {n for n, _ in server_model.named_parameters()}
     assert set(global_state) == _expected_names(method, all_names)
-    test_loader = data.make_loader(test, load_tokenizer(str(tiny_bert)), 64, 64, False, 0)
+    test_loader = loading.make_loader(test, load_tokenizer(str(tiny_bert)), 64, 64, False, 0)
     losses = [evaluate(server_model, test_loader, len(labels))["loss"]]
 
     nodes = {

@@ -10,13 +10,14 @@ import pytest
 from conftest import write_toy_csv
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from federa_app import client, data
-from federa_app.client import handle_train, server_labels
 from federa_app.config import parse_run_config
+from federa_app.data import loading
 from federa_app.errors import ConfigError, DataError
-from federa_app.models import build_model, trainable_state
-from federa_app.server import make_train_config
-from federa_app.wire import content_bytes
+from federa_app.federation import client
+from federa_app.federation.client import handle_train, server_labels
+from federa_app.federation.server import make_train_config
+from federa_app.federation.wire import content_bytes
+from federa_app.method.models import build_model, trainable_state
 
 LABELS = ("negative", "positive")
 
@@ -65,9 +66,9 @@ def fake_sms_spam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder.mkdir(parents=True)
     lines = ["text,spam"] + [f"message number {i},{int(i % 3 == 0)}" for i in range(60)]
     (folder / "sms-spam.csv").write_text("\n".join(lines) + "\n")
-    data._load_labelled_cached.cache_clear()
+    loading._load_labelled_cached.cache_clear()
     yield
-    data._load_labelled_cached.cache_clear()
+    loading._load_labelled_cached.cache_clear()
 
 
 def test_node_trains_on_its_whole_csv_without_the_runs_dataset(
@@ -89,8 +90,8 @@ def test_string_labels_map_onto_the_servers_order_by_name(tmp_path):
     path.write_text("text,label\ngood film,positive\nfine plot,neutral\nfun,positive\n")
     labels = ("negative", "neutral", "positive")
     cfg = parse_run_config({"dataset": "csv:/not/needed.csv"})
-    rows = data.node_train_data({"data": f"csv:{path}"}, cfg, labels)
-    _, local_names = data.load_labelled(f"csv:{path}")
+    rows = loading.node_train_data({"data": f"csv:{path}"}, cfg, labels)
+    _, local_names = loading.load_labelled(f"csv:{path}")
     assert local_names == ["neutral", "positive"]  # the file alone would number them 0, 1
     assert list(rows["label"]) == [2, 1, 2]
     assert [labels[i] for i in rows["label"]] == raw_labels(path)
@@ -99,19 +100,19 @@ def test_string_labels_map_onto_the_servers_order_by_name(tmp_path):
 
 def test_integer_labels_map_by_name_whether_written_as_ints_or_strings(tmp_path):
     server = write_jsonl(tmp_path / "server.jsonl", [10, 2, 7, 2])
-    _, labels = data.load_labelled(f"json:{server}")
+    _, labels = loading.load_labelled(f"json:{server}")
     assert labels == ["2", "7", "10"]  # integers sort as numbers on the server
     cfg = parse_run_config({"dataset": f"json:{server}"})
 
     as_ints = tmp_path / "ints.csv"
     as_ints.write_text("text,label\na,10\nb,2\nc,10\n")
     as_strings = write_jsonl(tmp_path / "strings.jsonl", ["10", "2", "7", "10"])
-    _, string_names = data.load_labelled(f"json:{as_strings}")
+    _, string_names = loading.load_labelled(f"json:{as_strings}")
     assert string_names == ["10", "2", "7"]  # strings sort as text: "10" would be id 0
     for path, spec in ((as_ints, f"csv:{as_ints}"), (as_strings, f"json:{as_strings}")):
-        rows = data.node_train_data({"data": spec}, cfg, labels)
+        rows = loading.node_train_data({"data": spec}, cfg, labels)
         assert [labels[i] for i in rows["label"]] == raw_labels(path), spec
-    assert list(data.node_train_data({"data": f"json:{as_strings}"}, cfg, labels)["label"]) == [
+    assert list(loading.node_train_data({"data": f"json:{as_strings}"}, cfg, labels)["label"]) == [
         2, 0, 1, 2,
     ]  # fmt: skip
 
@@ -122,16 +123,16 @@ def test_named_dataset_partition_is_the_runs_partition(
     config = run_config(tiny_bert, f"csv:{tmp_path / 'only-on-the-server.csv'}")
     cfg = parse_run_config(config)
     node_config = {"data": "sms-spam", "partition-id": 1, "num-partitions": 3}
-    train, _, names = data.load_task("sms-spam", cfg.test_fraction, cfg.seed)
-    expected = data.client_partition(train, "iid", 3, 1, cfg.seed, cfg.dirichlet_alpha, 2)
+    train, _, names = loading.load_task("sms-spam", cfg.test_fraction, cfg.seed)
+    expected = loading.client_partition(train, "iid", 3, 1, cfg.seed, cfg.dirichlet_alpha, 2)
 
-    rows = data.node_train_data(node_config, cfg, ("ham", "spam"))
+    rows = loading.node_train_data(node_config, cfg, ("ham", "spam"))
     assert names == ("ham", "spam")
     assert list(rows["text"]) == list(expected["text"]) and len(rows) == 16
     assert list(rows["label"]) == list(expected["label"])
     # A server that knows one more class: same rows, ids renumbered by name.
     wider = ("ham", "other", "spam")
-    renumbered = data.node_train_data(node_config, cfg, wider)
+    renumbered = loading.node_train_data(node_config, cfg, wider)
     assert list(renumbered["text"]) == list(expected["text"])
     assert [wider[i] for i in renumbered["label"]] == [names[i] for i in expected["label"]]
 
@@ -175,7 +176,7 @@ def test_unknown_label_fails_in_one_line_before_training(
 def test_bad_node_config_names_the_value_and_the_choices(node_config, pattern):
     cfg = parse_run_config({"dataset": "csv:/x.csv"})
     with pytest.raises(ConfigError, match=pattern) as error:
-        data.node_train_data(node_config, cfg, LABELS)  # nothing is loaded before these checks
+        loading.node_train_data(node_config, cfg, LABELS)  # nothing is loaded before these checks
     assert "\n" not in str(error.value)
 
 
@@ -186,10 +187,10 @@ def test_without_data_the_node_keeps_its_partition_of_the_runs_dataset(
     config = run_config(tiny_bert, f"csv:{toy}")
     cfg = parse_run_config(config)
     node_config = {"partition-id": 1, "num-partitions": 2}
-    train, _, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
-    expected = data.client_partition(train, "iid", 2, 1, cfg.seed, cfg.dirichlet_alpha, 2)
+    train, _, labels = loading.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
+    expected = loading.client_partition(train, "iid", 2, 1, cfg.seed, cfg.dirichlet_alpha, 2)
     for sent in (labels, None):  # the server's label list, or none (an older server)
-        rows = data.node_train_data(node_config, cfg, labels)
+        rows = loading.node_train_data(node_config, cfg, labels)
         assert rows is expected  # the very partition, untouched
         reply = train_once(tiny_bert, config, node_config, sent)
         assert reply.content["metrics"]["num-examples"] == len(expected) == 24
@@ -213,28 +214,30 @@ def test_server_train_config_carries_only_the_label_names(tiny_bert, server_iden
 
 
 def test_prepared_rows_are_cached_on_disk_and_follow_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.NODE_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(loading.NODE_CACHE_ENV, str(tmp_path / "cache"))
     path = write_toy_csv(tmp_path / "node.csv", rows=40)
     cfg = parse_run_config({"dataset": "csv:/not/needed.csv"})
     node_config = {"data": f"csv:{path}"}
     labels = ("negative", "positive")
-    fresh = data.node_train_data(node_config, cfg, labels)
-    first = data.cached_node_train_data(node_config, cfg, labels)  # prepares and saves
+    fresh = loading.node_train_data(node_config, cfg, labels)
+    first = loading.cached_node_train_data(node_config, cfg, labels)  # prepares and saves
     [entry] = (tmp_path / "cache").iterdir()
     assert entry.suffix == ".json"  # plain lists: reading them back needs no `datasets`
-    again = data.cached_node_train_data(node_config, cfg, labels)  # loads the saved rows
+    again = loading.cached_node_train_data(node_config, cfg, labels)  # loads the saved rows
     assert again.to_dict() == first.to_dict() == fresh.select_columns(["text", "label"]).to_dict()
     assert list(again.label_names) == fresh.features["label"].names == list(labels)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]
 
     write_toy_csv(path, rows=41, seed=5)  # the node's file changed: new rows, new entry
-    data._load_labelled_cached.cache_clear()  # as in the next message's fresh process
-    changed = data.cached_node_train_data(node_config, cfg, labels)
+    loading._load_labelled_cached.cache_clear()  # as in the next message's fresh process
+    changed = loading.cached_node_train_data(node_config, cfg, labels)
     assert len(changed) == 41 and len(list((tmp_path / "cache").iterdir())) == 2
-    assert len(data.cached_node_train_data(node_config, cfg, ("negative", "positive", "x"))) == 41
+    assert (
+        len(loading.cached_node_train_data(node_config, cfg, ("negative", "positive", "x"))) == 41
+    )
     assert len(list((tmp_path / "cache").iterdir())) == 3  # the server's labels are in the key
 
-    monkeypatch.setenv(data.NODE_CACHE_ENV, "off")
-    assert data.node_cache_dir() is None
-    assert data.cached_node_train_data(node_config, cfg, labels).to_dict() == changed.to_dict()
+    monkeypatch.setenv(loading.NODE_CACHE_ENV, "off")
+    assert loading.node_cache_dir() is None
+    assert loading.cached_node_train_data(node_config, cfg, labels).to_dict() == changed.to_dict()
     assert len(list((tmp_path / "cache").iterdir())) == 3

@@ -9,11 +9,13 @@ import torch
 from conftest import write_toy_csv
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from federa_app import client, data, training
 from federa_app.config import parse_run_config
+from federa_app.data import loading
 from federa_app.errors import ConfigError
-from federa_app.models import build_model, check_model_fits, load_tokenizer, trainable_state
-from federa_app.training import check_precision, train_locally
+from federa_app.federation import client
+from federa_app.method import training
+from federa_app.method.models import build_model, check_model_fits, load_tokenizer, trainable_state
+from federa_app.method.training import check_precision, train_locally
 
 LABELS = ("negative", "positive")
 
@@ -26,10 +28,10 @@ def _train(tmp_path, tiny_bert, precision: str, method: str = "lora"):
          "lora-alpha": 8, "local-steps": 8, "batch-size": 16, "learning-rate": 0.01,
          "precision": precision}
     )  # fmt: skip
-    rows, labels = data.load_labelled(cfg.dataset)
+    rows, labels = loading.load_labelled(cfg.dataset)
     model = build_model(cfg, str(tiny_bert), tuple(labels))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    loader = data.make_loader(rows, load_tokenizer(str(tiny_bert)), 16, 32, True, cfg.seed)
+    loader = loading.make_loader(rows, load_tokenizer(str(tiny_bert)), 16, 32, True, cfg.seed)
     torch.manual_seed(0)  # the same dropout masks for both precisions
     return model, before, train_locally(model, loader, cfg)
 
@@ -95,7 +97,7 @@ def test_node_refuses_a_precision_it_cannot_run_before_loading_data(
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded data despite an impossible precision")
 
-    monkeypatch.setattr(data, "cached_node_train_data", must_not_load)
+    monkeypatch.setattr(loading, "cached_node_train_data", must_not_load)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = {"model": str(tiny_bert), "method": "lora", "precision": "fp16"}
     model = build_model(parse_run_config(config), str(tiny_bert), LABELS)

@@ -28,20 +28,20 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from federa_app import data
-from federa_app.client import TRAIN_METRIC_KEYS, handle_train
 from federa_app.config import METHODS, parse_run_config
+from federa_app.data import loading
 from federa_app.errors import ConfigError
-from federa_app.models import build_model, initial_factors, trainable_state
-from federa_app.privacy import (
+from federa_app.federation.client import TRAIN_METRIC_KEYS, handle_train
+from federa_app.federation.privacy import (
     dp_client_mod,
     dp_reply_metric_keys,
     dp_settings,
     sampled_per_round,
     with_dp,
 )
-from federa_app.strategies import build_strategy
-from federa_app.wire import INIT_FACTORS_KEY, WireRecorder
+from federa_app.federation.strategies import build_strategy
+from federa_app.federation.wire import INIT_FACTORS_KEY, WireRecorder
+from federa_app.method.models import build_model, initial_factors, trainable_state
 
 
 def dp_config(dp: str, noise: float = 0.0, clip: float = 1.0, **extra):
@@ -269,7 +269,7 @@ def _toy_run_config(tmp_path, tiny_bert, method: str, **extra) -> dict:
 
 def _server_side(run_config: dict):
     cfg = parse_run_config(run_config)
-    _, _, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
+    _, _, labels = loading.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     factors = initial_factors(cfg, cfg.model, labels) if cfg.uses_svd_init else None
     state = trainable_state(build_model(cfg, cfg.model, labels, factors))
     return cfg, labels, factors, {name: t.detach().clone() for name, t in state.items()}
@@ -282,7 +282,7 @@ def test_client_fixed_clips_a_real_federa_update(tmp_path, tiny_bert, server_ide
     clip = 1e-3  # well below a training step's update, so the clipping acts
     content = {
         "arrays": ArrayRecord(global_state),
-        "config": ConfigRecord({KEY_CLIPPING_NORM: clip, data.LABELS_KEY: list(labels)}),
+        "config": ConfigRecord({KEY_CLIPPING_NORM: clip, loading.LABELS_KEY: list(labels)}),
         INIT_FACTORS_KEY: ArrayRecord(factors),
     }
     context = Context(1, 11, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config)
@@ -331,7 +331,7 @@ def _federated_rounds(tmp_path, tiny_bert, method: str, dp: str, noise: float, r
         grid=WireRecorder(grid, ArrayRecord(factors) if factors is not None else None),
         initial_arrays=ArrayRecord(global_state),
         num_rounds=rounds,
-        train_config=ConfigRecord({data.LABELS_KEY: list(labels)}),
+        train_config=ConfigRecord({loading.LABELS_KEY: list(labels)}),
     )
     return cfg, strategy, grid, global_state, result.arrays.to_torch_state_dict()
 

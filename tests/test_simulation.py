@@ -17,12 +17,12 @@ from conftest import check_run_directory, write_toy_csv
 from flwr.app import ArrayRecord
 
 from federa_app.config import parse_run_config, to_flwr_overrides
-from federa_app.federa_init import residual_digest
-from federa_app.models import build_model, initial_factors, load_saved_model, trainable_state
-from federa_app.records import read_metrics
-from federa_app.runtime import RunFailed
-from federa_app.simulate import simulate
-from federa_app.wire import INIT_FACTORS_KEY
+from federa_app.errors import RunFailed
+from federa_app.federation.wire import INIT_FACTORS_KEY
+from federa_app.method.federa_init import residual_digest
+from federa_app.method.models import build_model, initial_factors, load_saved_model, trainable_state
+from federa_app.records.run_dir import read_metrics
+from federa_ops.simulate import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ("negative", "positive")
@@ -113,15 +113,15 @@ def test_only_trainable_tensors_cross_the_wire_and_bytes_add_up(tmp_path, tiny_b
     assert config["method"] == method and config["num-nodes"] == 3
 
     # The saved model reloads with plain transformers (+ peft) to the reported accuracy.
-    from federa_app import data
+    from federa_app.data import loading
 
-    dataset, labels = data.load_labelled(f"csv:{csv}")
-    _, test = data.split_train_test(dataset, cfg.test_fraction, cfg.seed)
+    dataset, labels = loading.load_labelled(f"csv:{csv}")
+    _, test = loading.split_train_test(dataset, cfg.test_fraction, cfg.seed)
     loaded = load_saved_model(run_dir / "adapter", str(tiny_bert), tuple(labels))
-    from federa_app.models import load_tokenizer
-    from federa_app.training import evaluate
+    from federa_app.method.models import load_tokenizer
+    from federa_app.method.training import evaluate
 
-    loader = data.make_loader(test, load_tokenizer(str(tiny_bert)), 64, 64, False, 0)
+    loader = loading.make_loader(test, load_tokenizer(str(tiny_bert)), 64, 64, False, 0)
     scores = evaluate(loaded, loader, len(labels))
     assert scores["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-9)
     assert scores["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
@@ -163,7 +163,7 @@ def test_kill_stops_every_process_the_run_started(tmp_path, tiny_bert):
 
     csv = write_toy_csv(tmp_path / "toy.csv")
     overrides = _overrides(tiny_bert, csv, **{"num-server-rounds": 50, "wire-log": False})
-    command = [sys.executable, "-m", "federa_app.cli", "simulate", "--num-clients", "2",
+    command = [sys.executable, "-m", "federa_ops.cli", "simulate", "--num-clients", "2",
                "--output-dir", str(tmp_path / "runs"),
                "--run-config", to_flwr_overrides(overrides)]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

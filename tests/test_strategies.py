@@ -15,9 +15,13 @@ from flwr.app import Context, RecordDict
 
 from federa_app.config import METHODS, STRATEGIES, parse_run_config
 from federa_app.errors import ConfigError
-from federa_app.server import run_server
-from federa_app.simulate import validate
-from federa_app.strategies import build_strategy, check_node_count, refusal, resolved_parameters
+from federa_app.federation.server import check_before_start, run_server
+from federa_app.federation.strategies import (
+    build_strategy,
+    check_node_count,
+    refusal,
+    resolved_parameters,
+)
 
 NODES = 3
 ROUNDS = 4
@@ -63,7 +67,7 @@ def test_every_strategy_lowers_the_loss_with_every_method_it_accepts(
         reason = refusal(strategy, method)
         if reason:  # refused by the checks every entry point runs before Ray or a model starts
             with pytest.raises(ConfigError, match=f"strategy {strategy}"):
-                validate(parse_run_config(run_config), NODES)
+                check_before_start(parse_run_config(run_config), NODES)
             with pytest.raises(ConfigError, match=f"strategy {strategy}"):
                 run_in_process(run_config)
             assert not (tmp_path / "runs" / f"{strategy}-{method}").exists()
@@ -147,7 +151,7 @@ def test_robust_node_count_is_checked_before_ray_starts(tmp_path, tiny_bert):
     run_config = toy_run_config(tmp_path, tiny_bert, "bulyan", "lora", **{
         "num-malicious-nodes": 1})  # fmt: skip
     with pytest.raises(ConfigError, match="bulyan with num-malicious-nodes=1 needs at least 7"):
-        validate(parse_run_config(run_config), 6)
+        check_before_start(parse_run_config(run_config), 6)
 
 
 def test_an_explicit_value_wins_and_config_json_says_where_each_came_from(

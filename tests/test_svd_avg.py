@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from federa_app.svd_avg import SvdAvg, aggregate_lora_product, lora_pairs, product_error
+from federa_app.federation.svd_avg import SvdAvg, aggregate_lora_product, lora_pairs, product_error
 
 # (out, in, r, n): n*r < min(out, in) takes the factored path, n*r >= min(out, in) the dense one.
 SHAPES = [(40, 30, 2, 3), (8, 64, 2, 2), (24, 16, 4, 5), (6, 5, 4, 3)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from conftest import write_toy_csv
 
-from federa_app import data
 from federa_app.config import parse_run_config
-from federa_app.models import build_model, initial_factors, load_tokenizer, trainable_state
-from federa_app.training import evaluate, train_locally
+from federa_app.data import loading
+from federa_app.method.models import build_model, initial_factors, load_tokenizer, trainable_state
+from federa_app.method.training import evaluate, train_locally
 
 
 def _setup(tmp_path, tiny_bert, **overrides):
@@ -16,12 +16,12 @@ def _setup(tmp_path, tiny_bert, **overrides):
         {"model": str(tiny_bert), "dataset": f"csv:{csv}", "lora-rank": 4, "lora-alpha": 8,
          "batch-size": 16, "learning-rate": 0.01, **overrides}
     )  # fmt: skip
-    dataset, labels = data.load_labelled(cfg.dataset)
+    dataset, labels = loading.load_labelled(cfg.dataset)
     factors = (
         initial_factors(cfg, str(tiny_bert), tuple(labels)) if cfg.method == "federa" else None
     )
     model = build_model(cfg, str(tiny_bert), tuple(labels), factors)
-    loader = data.make_loader(dataset, load_tokenizer(str(tiny_bert)), 16, 32, True, cfg.seed)
+    loader = loading.make_loader(dataset, load_tokenizer(str(tiny_bert)), 16, 32, True, cfg.seed)
     return cfg, model, loader, len(labels)
 
 

@@ -31,12 +31,14 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 import client_app
-from federa_app import client, data, deploy, warm_worker
-from federa_app.cli import build_parser
 from federa_app.config import parse_run_config
+from federa_app.data import loading
 from federa_app.errors import ConfigError
-from federa_app.models import build_model, initial_factors, trainable_state
-from federa_app.wire import INIT_FACTORS_KEY, NODE_REPORT_KEY
+from federa_app.federation import client, warm_worker
+from federa_app.federation.wire import INIT_FACTORS_KEY, NODE_REPORT_KEY
+from federa_app.method.models import build_model, initial_factors, trainable_state
+from federa_ops import deploy
+from federa_ops.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ("negative", "positive")
@@ -87,7 +89,7 @@ class WorkerProcess:
 def worker(tmp_path_factory: pytest.TempPathFactory):
     """`federa worker` on a socket in a directory it creates (private)."""
     socket_path = tmp_path_factory.mktemp("worker") / "private" / "node-1.sock"
-    command = [sys.executable, "-m", "federa_app.cli", "worker", "--socket", str(socket_path)]
+    command = [sys.executable, "-m", "federa_ops.cli", "worker", "--socket", str(socket_path)]
     process = WorkerProcess([*command, "--threads", "1"], socket_path)
     process.wait_for("federa worker: ready")
     yield process
@@ -113,7 +115,7 @@ def server_message(config: dict, *, factors: bool = True, train_config=None) -> 
     init = initial_factors(cfg, cfg.model, LABELS)
     model = build_model(cfg, cfg.model, LABELS, init)
     if train_config is None:
-        train_config = ConfigRecord({data.LABELS_KEY: list(LABELS), "server-round": 1})
+        train_config = ConfigRecord({loading.LABELS_KEY: list(LABELS), "server-round": 1})
     content = {"arrays": ArrayRecord(trainable_state(model)), "config": train_config}
     if factors:
         content[INIT_FACTORS_KEY] = ArrayRecord(init)
@@ -174,7 +176,7 @@ CHILD = textwrap.dedent(
     from flwr.common.serde import recorddict_to_proto
     from flwr.proto.message_pb2 import Context, Message
     import client_app
-    from federa_app import warm_worker
+    from federa_app.federation import warm_worker
     msg = message_from_proto(Message.FromString(open({msg!r}, "rb").read()))
     context = context_from_proto(Context.FromString(open({ctx!r}, "rb").read()))
     reply = client_app.app(msg, context)
@@ -225,7 +227,7 @@ def test_state_serves_the_next_message_and_client_dp_clips_on_both_paths(
     node_config = {"data": f"csv:{node_csv}", "warm-worker": str(worker.socket)}
 
     def train_config(server_round: int) -> ConfigRecord:
-        labels = {data.LABELS_KEY: list(LABELS), KEY_CLIPPING_NORM: 1e-3}
+        labels = {loading.LABELS_KEY: list(LABELS), KEY_CLIPPING_NORM: 1e-3}
         return ConfigRecord({**labels, "server-round": server_round})
 
     context = node_context(config, node_config)
@@ -311,7 +313,7 @@ def test_fallbacks_warn_once_and_give_the_in_process_reply(
 FAULTY_WORKER = textwrap.dedent(
     """
     import os, sys, time
-    from federa_app.warm_worker import run_worker
+    from federa_app.federation.warm_worker import run_worker
 
     def handler(msg, context):  # stands in for a worker that dies while training
         print("handling", flush=True)
@@ -383,7 +385,7 @@ def test_worker_refuses_a_socket_directory_open_to_others(tmp_path):
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
     result = subprocess.run(
-        [sys.executable, "-m", "federa_app.cli", "worker", "--socket", str(shared / "n.sock")],
+        [sys.executable, "-m", "federa_ops.cli", "worker", "--socket", str(shared / "n.sock")],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 2

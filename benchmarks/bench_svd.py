@@ -5,7 +5,7 @@ loaded, and what the server's `svd_seconds` measures: peft's PiSSA init on a cop
 for minilm-l6 (real weights) and a bert-base-sized encoder (12 layers, 768 wide, random weights
 from BertConfig: nothing is downloaded). Figures are printed, not asserted.
 
-    .venv/bin/python simulation/bench_svd.py [--repeats 3] [--threads 0] [--lora-rank 8]
+    .venv/bin/python benchmarks/bench_svd.py [--repeats 3] [--threads 0] [--lora-rank 8]
         [--svd-niter 4] [--device cpu|cuda]
 """
 
@@ -26,10 +26,10 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig
 from transformers.utils import logging as hf_logging
 
-from federa_app import models
 from federa_app.config import RunConfig, parse_run_config
-from federa_app.federa_init import compute_initial_factors
-from federa_app.training import set_threads
+from federa_app.method import models
+from federa_app.method.federa_init import compute_initial_factors
+from federa_app.method.training import set_threads
 
 LABELS = ("fresh", "rotten")  # rotten-tomatoes' two classes: the head's size only
 

@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from federa_app.config import STRATEGY_PARAMS, RunConfig
 from federa_app.errors import ConfigError
-from federa_app.svd_avg import SvdAvg
+from federa_app.federation.svd_avg import SvdAvg
 
 
 class KeepsDtypes:

@@ -24,7 +24,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from federa_app.config import RunConfig, parse_run_config
 from federa_app.errors import ConfigError
-from federa_app.wire import INIT_FACTORS_KEY
+from federa_app.federation.wire import INIT_FACTORS_KEY
 
 FIXED_WRAPPERS = {
     "client-fixed": DifferentialPrivacyClientSideFixedClipping,

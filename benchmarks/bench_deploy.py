@@ -6,15 +6,15 @@
 2. One train message handled the way a SuperNode handles it in Flower 1.42: a fresh Python
    process imports the ClientApp and runs it once. Printed: interpreter start, imports (per
    package), and the phases of the handler (data, model, training, reply). Then the same with a
-   warm worker (`federa worker`, federa_app/warm_worker.py), started once: every message is
-   again a fresh ClientApp process, which imports only Flower and forwards the message to the
+   warm worker (`federa worker`, federa_app/federation/warm_worker.py), started once: every message
+   is again a fresh ClientApp process, which imports only Flower and forwards the message to the
    worker. Printed: its imports, the exchange with the worker and the worker's own phases.
 Figures are printed, not asserted.
 
-    .venv/bin/python simulation/bench_deploy.py [--nodes 3] [--rounds 3] [--methods federa fft]
-    .venv/bin/python simulation/bench_deploy.py --skip-runs      # the per-message part only
-    .venv/bin/python simulation/bench_deploy.py --skip-runs --methods federa --warm-messages 6
-    sudo .venv/bin/python simulation/bench_deploy.py --netns     # real links: time to target
+    .venv/bin/python benchmarks/bench_deploy.py [--nodes 3] [--rounds 3] [--methods federa fft]
+    .venv/bin/python benchmarks/bench_deploy.py --skip-runs      # the per-message part only
+    .venv/bin/python benchmarks/bench_deploy.py --skip-runs --methods federa --warm-messages 6
+    sudo .venv/bin/python benchmarks/bench_deploy.py --netns     # real links: time to target
 
 3. With --netns (root and iproute2 needed): every SuperNode in its own network namespace behind
    a veth pair shaped to --mbit (tc tbf, both directions); federa and fft deployed over those
@@ -38,12 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # Handler phases: (label, module, function). The functions are wrapped with timers where
 # handle_train looks them up (cProfile would inflate the Python-heavy data code several-fold).
 PHASES = (
-    ("labels + node data", "federa_app.data", "node_train_data"),
-    ("model (load + build)", "federa_app.client", "build_model"),
-    ("received tensors in", "federa_app.client", "load_trainable_state"),
-    ("tokenizer", "federa_app.client", "load_tokenizer"),
-    ("local training", "federa_app.client", "train_locally"),
-    ("reply tensors out", "federa_app.client", "trainable_state"),
+    ("labels + node data", "federa_app.data.loading", "node_train_data"),
+    ("model (load + build)", "federa_app.federation.client", "build_model"),
+    ("received tensors in", "federa_app.federation.client", "load_trainable_state"),
+    ("tokenizer", "federa_app.federation.client", "load_tokenizer"),
+    ("local training", "federa_app.federation.client", "train_locally"),
+    ("reply tensors out", "federa_app.federation.client", "trainable_state"),
 )
 # The packages the ClientApp imports, heaviest first; flwr_datasets is left to `client_app`
 # (it is imported there only if the node has to compute a partition). The last step is what
@@ -56,9 +56,9 @@ HEAVY = ("torch", "transformers", "peft", "datasets", "flwr_datasets")
 
 def run_pair(method: str, nodes: int, rounds: int, out: Path, extra: dict) -> dict:
     """One simulation and one loopback deployment of the same run; per-round figures of each."""
-    from federa_app.deploy import deploy_local
-    from federa_app.records import read_metrics
-    from federa_app.simulate import simulate
+    from federa_app.records.run_dir import read_metrics
+    from federa_ops.deploy import deploy_local
+    from federa_ops.simulate import simulate
 
     figures = {"method": method}
     for engine in ("simulation", "deployment"):
@@ -94,7 +94,7 @@ def message_child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     t = time.perf_counter()
     import client_app  # noqa: F401  (what flwr-clientapp loads from the app bundle)
-    from federa_app.client import handle_train
+    from federa_app.federation.client import handle_train
 
     timings["import client_app (federa_app)"] = time.perf_counter() - t
 
@@ -122,7 +122,7 @@ def _message_and_context(saved: dict, worker_socket: str = ""):  # noqa: ANN202 
     from flwr.supercore.task_identity import TaskIdentity
     from safetensors.numpy import load_file
 
-    from federa_app.wire import INIT_FACTORS_KEY
+    from federa_app.federation.wire import INIT_FACTORS_KEY
 
     def record(path: str) -> ArrayRecord:
         return ArrayRecord({name: Array(array) for name, array in load_file(path).items()})
@@ -152,7 +152,7 @@ def warm_child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     t = time.perf_counter()
     import client_app  # what flwr-clientapp loads from the app bundle
-    from federa_app import warm_worker
+    from federa_app.federation import warm_worker
 
     timings["import client_app (federa_app)"] = time.perf_counter() - t
     timings["imports total"] = time.perf_counter() - started
@@ -171,8 +171,8 @@ def warm_child(args: argparse.Namespace) -> None:
 def worker_child(args: argparse.Namespace) -> None:
     """The warm worker, with the handler's phases timed per message (as in message_child)."""
     sys.path.insert(0, str(ROOT))  # the same federa_app as the ClientApp processes
-    from federa_app import client
-    from federa_app.warm_worker import run_worker
+    from federa_app.federation import client
+    from federa_app.federation.warm_worker import run_worker
 
     phases: dict[str, float] = {}
     for label, module, function in PHASES:
@@ -209,15 +209,20 @@ def profile_message(
     in the process (as today), then forwarded to a warm worker; `messages` of each."""
     from safetensors.torch import save_file
 
-    from federa_app import data
     from federa_app.config import parse_run_config
-    from federa_app.models import build_model, initial_factors, resolve_model, trainable_state
-    from federa_app.simulate import app_defaults, default_app_dir
+    from federa_app.data import loading
+    from federa_app.method.models import (
+        build_model,
+        initial_factors,
+        resolve_model,
+        trainable_state,
+    )
+    from federa_ops.simulate import app_defaults, default_app_dir
 
     run_config = {**app_defaults(default_app_dir()), **extra, "method": method}
     cfg = parse_run_config(run_config)
     model_ref = resolve_model(cfg.model)
-    labels = data.load_labelled(cfg.dataset)[1]
+    labels = loading.load_labelled(cfg.dataset)[1]
     factors = initial_factors(cfg, model_ref, labels) if cfg.uses_svd_init else None
     model = build_model(cfg, model_ref, labels, factors)
     save_file(trainable_state(model), workdir / f"{method}-arrays.safetensors")
@@ -232,7 +237,7 @@ def profile_message(
             {
                 "arrays": str(workdir / f"{method}-arrays.safetensors"),
                 "factors": str(workdir / f"{method}-factors.safetensors") if factors else "",
-                "config": {data.LABELS_KEY: list(labels)},
+                "config": {loading.LABELS_KEY: list(labels)},
                 "node_config": node_config,
                 "run_config": run_config,
             }
@@ -325,7 +330,7 @@ def _sh(*command: str) -> None:
 def make_namespaces(nodes: int, mbit: float) -> list:
     """One network namespace per node behind its own veth pair, both directions shaped to
     `mbit` with tc's token bucket filter; returns the NodeNetwork of each node."""
-    from federa_app.deploy import NodeNetwork
+    from federa_ops.deploy import NodeNetwork
 
     networks = []
     for i in range(1, nodes + 1):
@@ -360,8 +365,8 @@ def remove_namespaces(nodes: int) -> None:
 def run_over_link(args: argparse.Namespace, extra: dict, out: Path) -> None:
     """federa vs fft deployed with every SuperNode behind a rate-limited link: real time to
     the target accuracy (the server's wall clock, link transfers included)."""
-    from federa_app.deploy import deploy_local
-    from federa_app.runtime import summary
+    from federa_ops.deploy import deploy_local
+    from federa_ops.runtime import summary
 
     why_not = namespaces_possible()
     if why_not:

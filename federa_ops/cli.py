@@ -17,7 +17,7 @@ RESUME_HELP = (
 
 
 def _fetch(args: argparse.Namespace) -> None:
-    from federa_app import assets
+    from federa_app.data import assets
 
     assets.fetch(args.names or None)
 
@@ -34,7 +34,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _node_count(args: argparse.Namespace, given: int | None, default: int) -> int:
     """The node count asked for, else the resumed run's, else the default."""
-    from federa_app.simulate import resume_nodes
+    from federa_ops.simulate import resume_nodes
 
     if given is not None:
         return given
@@ -42,7 +42,7 @@ def _node_count(args: argparse.Namespace, given: int | None, default: int) -> in
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from federa_app.simulate import result_table, simulate
+    from federa_ops.simulate import result_table, simulate
 
     run_dir = simulate(
         num_clients=_node_count(args, args.num_clients, 10),
@@ -56,8 +56,8 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> None:
-    from federa_app.deploy import deploy_local
-    from federa_app.simulate import result_table
+    from federa_ops.deploy import deploy_local
+    from federa_ops.simulate import result_table
 
     run_dir = deploy_local(
         nodes=_node_count(args, args.nodes, 3),
@@ -74,7 +74,7 @@ def _deploy(args: argparse.Namespace) -> None:
 
 
 def _certs(args: argparse.Namespace) -> None:
-    from federa_app.certs import DEFAULT_SANS, make_credentials
+    from federa_ops.certs import DEFAULT_SANS, make_credentials
 
     sans = tuple(args.san) or DEFAULT_SANS
     creds = make_credentials(args.directory, args.nodes, sans, args.days, args.overwrite)
@@ -88,12 +88,13 @@ def _certs(args: argparse.Namespace) -> None:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from federa_app.warm_worker import run_worker
+    from federa_app.federation.warm_worker import run_worker
 
     run_worker(args.socket, args.threads)
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from federa_ops.simulate import simulate
     from simulation.compare import expand, is_finished, load_grid, run_grid
     from simulation.report import write_report
 
@@ -103,11 +104,11 @@ def _compare(args: argparse.Namespace) -> None:
         for cell in expand(grid):
             print(f"{'finished' if is_finished(out_dir, cell) else 'to run  '}  {cell.name}")
         return
-    failures = [] if args.report_only else run_grid(grid, out_dir)
+    failures = [] if args.report_only else run_grid(grid, out_dir, simulate)
     print(write_report(grid, out_dir, args.note))
     print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'} and plots")
     if failures:
-        from federa_app.runtime import RunFailed
+        from federa_app.errors import RunFailed
 
         names = ", ".join(cell.name for cell, _ in failures)
         raise RunFailed(f"{len(failures)} cell(s) failed: {names} (re-run to retry them)")
@@ -123,7 +124,7 @@ def _quiet_transformers() -> None:
 def _methods(args: argparse.Namespace) -> None:
     _quiet_transformers()
     from federa_app.config import parse_overrides, parse_run_config
-    from federa_app.models import check_model_fits, method_table, resolve_model
+    from federa_app.method.models import check_model_fits, method_table, resolve_model
 
     cfg = parse_run_config(parse_overrides(" ".join(args.run_config)))
     model_ref = resolve_model(cfg.model)
@@ -147,8 +148,8 @@ def _predict(args: argparse.Namespace) -> None:
     _quiet_transformers()
     import torch
 
-    from federa_app.models import load_saved_model, load_tokenizer
-    from federa_app.records import ADAPTER_DIR, CONFIG_FILE
+    from federa_app.method.models import load_saved_model, load_tokenizer
+    from federa_app.records.run_dir import ADAPTER_DIR, CONFIG_FILE
 
     run_dir = Path(args.run_dir)
     config_file = run_dir / CONFIG_FILE
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FederaError as exc:
-        from federa_app.runtime import RunFailed
+        from federa_app.errors import RunFailed
 
         print(f"federa: error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, RunFailed) else 2

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from federa_app.assets import federa_home
 from federa_app.config import RunConfig
+from federa_app.data.assets import federa_home
 from federa_app.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"

@@ -10,10 +10,11 @@ import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from federa_app import data
 from federa_app.config import RunConfig, parse_run_config
-from federa_app.federa_init import residual_digest
-from federa_app.models import (
+from federa_app.data import loading
+from federa_app.federation.wire import INIT_FACTORS_KEY, NODE_REPORT_KEY
+from federa_app.method.federa_init import residual_digest
+from federa_app.method.models import (
     build_model,
     load_tokenizer,
     load_trainable_state,
@@ -21,8 +22,7 @@ from federa_app.models import (
     resolve_model,
     trainable_state,
 )
-from federa_app.training import check_precision, set_threads, train_device, train_locally
-from federa_app.wire import INIT_FACTORS_KEY, NODE_REPORT_KEY
+from federa_app.method.training import check_precision, set_threads, train_device, train_locally
 
 # The MetricRecord of every train reply; the server rejects a reply whose keys differ.
 TRAIN_METRIC_KEYS = (
@@ -72,10 +72,10 @@ def process_age() -> float:
 
 def server_labels(msg: Message, cfg: RunConfig) -> tuple[str, ...]:
     """The server's label names from the train config; from the run's dataset if it sent none."""
-    sent = msg.content["config"].get(data.LABELS_KEY)
+    sent = msg.content["config"].get(loading.LABELS_KEY)
     if sent is not None:
         return tuple(str(name) for name in sent)
-    return tuple(data.load_labelled(cfg.dataset)[1])
+    return tuple(loading.load_labelled(cfg.dataset)[1])
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -85,18 +85,18 @@ def handle_train(msg: Message, context: Context) -> Message:
     device = train_device()
     check_precision(cfg.precision, device)  # before any data or model is loaded
     threads = set_threads(cfg)
-    partition_id = data.node_partition_id(context.node_config)  # -1: the node's own file
+    partition_id = loading.node_partition_id(context.node_config)  # -1: the node's own file
     server_round = int(msg.content["config"].get("server-round", 0))
 
     model_ref = resolve_model(cfg.model)
     labels = server_labels(msg, cfg)
-    rows = data.cached_node_train_data(context.node_config, cfg, labels)
+    rows = loading.cached_node_train_data(context.node_config, cfg, labels)
     factors = initial_factors_for(msg, context) if cfg.uses_svd_init else None
     model = build_model(cfg, model_ref, labels, factors)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     model.to(device)
 
-    loader = data.make_loader(
+    loader = loading.make_loader(
         rows,
         load_tokenizer(model_ref),
         cfg.batch_size,

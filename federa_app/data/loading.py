@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from federa_app.assets import DATASET_ASSETS, asset_path, federa_home
-from federa_app.config import RunConfig
+from federa_app.config import RunConfig, partition_advice
+from federa_app.data.assets import DATASET_ASSETS, asset_path, federa_home
 from federa_app.errors import AssetError, ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DATASET_CHOICES: tuple[str, ...] = (*DATASET_ASSETS, "csv:PATH", "json:PATH", "hf:NAME[:CONFIG]")
-PARTITIONER_CHOICES: tuple[str, ...] = ("dirichlet", "iid", "pathological", "column:NAME")
 
 
 @functools.cache
@@ -242,22 +241,13 @@ def _partitions(
         return _MEMO[key]
     # Imported here: flwr-datasets pulls in its plotting stack (seaborn, scipy: ~0.7 s), which a
     # node whose prepared rows are cached on disk never needs.
-    from federa_app.partitioning import compute_partitions
+    from federa_app.data.partitioning import compute_partitions
 
     partitions = compute_partitions(
         train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client
     )
     _memo_put(key, partitions)
     return partitions
-
-
-def partition_advice(spec: str) -> str:
-    """What a user can change when partitions come out empty or impossible."""
-    if spec == "dirichlet":
-        return "use a larger dirichlet-alpha or fewer clients"
-    if spec == "pathological":
-        return "use fewer clients or fewer classes-per-client"
-    return "use fewer clients"
 
 
 def _check_not_empty(sizes: list[int], partition_ids: list[int], spec: str) -> None:

@@ -29,12 +29,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from federa_app import assets
-from federa_app.adapters import adapter_sites, add_adapters
 from federa_app.config import METHODS, RunConfig
+from federa_app.data import assets
 from federa_app.errors import AssetError, ConfigError
-from federa_app.federa_init import apply_initial_factors, compute_initial_factors, lora_layers
-from federa_app.training import check_precision, train_device
+from federa_app.method.adapters import adapter_sites, add_adapters
+from federa_app.method.federa_init import (
+    apply_initial_factors,
+    compute_initial_factors,
+    lora_layers,
+)
+from federa_app.method.training import check_precision, train_device
 
 NAMED_MODELS = assets.MODEL_ASSETS
 ADAPTER_WEIGHTS = "bottleneck_adapters.safetensors"

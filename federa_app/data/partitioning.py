@@ -1,6 +1,6 @@
 """Partitioning a training split among clients with flwr-datasets' partitioners.
 
-Kept apart from data.py so that importing flwr-datasets (and the plotting stack it imports,
+Kept apart from loading.py so that importing flwr-datasets (and the plotting stack it imports,
 ~0.7 s) happens only where a partition is computed, not in every ClientApp process.
 """
 
@@ -18,7 +18,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from federa_app.data import PARTITIONER_CHOICES, partition_advice
+from federa_app.config import PARTITIONER_CHOICES, partition_advice
 from federa_app.errors import ConfigError, DataError
 
 
@@ -104,7 +104,7 @@ def compute_partitions(
     dirichlet_alpha: float,
     classes_per_client: int,
 ) -> list[Dataset]:
-    """All partitions of `train` for a spec (data.py memoizes them per process)."""
+    """All partitions of `train` for a spec (loading.py memoizes them per process)."""
     column = spec.removeprefix("column:") if spec.startswith("column:") else "label"
     partitioner = make_partitioner(spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
     if column not in train.column_names:

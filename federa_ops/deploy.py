@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federa_app import runtime
-from federa_app.certs import DEFAULT_SANS, Credentials, make_credentials
 from federa_app.config import to_flwr_overrides
-from federa_app.errors import ConfigError
-from federa_app.records import unused_path
-from federa_app.runtime import BIN_DIR, Log, RunFailed
-from federa_app.simulate import prepare_run
+from federa_app.errors import ConfigError, RunFailed
+from federa_app.records.run_dir import unused_path
+from federa_ops import runtime
+from federa_ops.certs import DEFAULT_SANS, Credentials, make_credentials
+from federa_ops.runtime import BIN_DIR, Log
+from federa_ops.simulate import prepare_run
 
 ISOLATIONS = ("subprocess", "process")
 NODES_ONLINE_TIMEOUT = 120.0  # s; a SuperNode connects within a few seconds on loopback
@@ -286,9 +286,9 @@ def deploy_local(
     """Run one job on a loopback SuperLink + `nodes` SuperNodes; return its run directory.
 
     `networks` (one per node) runs the SuperNodes elsewhere, e.g. in network namespaces
-    (simulation/bench_deploy.py --netns); the SuperLink then listens on all interfaces.
+    (benchmarks/bench_deploy.py --netns); the SuperLink then listens on all interfaces.
     `warm_workers` starts a warm worker (`federa worker`) next to each SuperNode and sets the
-    node's `warm-worker` node config to its socket (federa_app/warm_worker.py).
+    node's `warm-worker` node config to its socket (federa_app/federation/warm_worker.py).
     """
     if isolation not in ISOLATIONS:
         raise ConfigError(f"--isolation '{isolation}' is not one of: {', '.join(ISOLATIONS)}")

@@ -4,7 +4,7 @@ Runs one real simulation per method through `federa simulate`'s code path and pr
 run directories: SVD init seconds, mean round wall time, mean sum of client compute time, their
 ratio, and bytes per round each way. Figures are printed, not asserted.
 
-    .venv/bin/python simulation/bench_overhead.py [--num-clients 4] [--rounds 3] [--methods ...]
+    .venv/bin/python benchmarks/bench_overhead.py [--num-clients 4] [--rounds 3] [--methods ...]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
-from federa_app.records import read_metrics
-from federa_app.simulate import simulate
+from federa_app.records.run_dir import read_metrics
+from federa_ops.simulate import simulate
 
 
 def bench(method: str, num_clients: int, rounds: int, out: Path, extra: dict) -> dict:

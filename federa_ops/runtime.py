@@ -17,15 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from federa_app.errors import FederaError
-from federa_app.records import SUMMARY_FILE, read_metrics
+from federa_app.errors import RunFailed
+from federa_app.records.run_dir import SUMMARY_FILE, read_metrics
 
 Log = Callable[[str], object]
 BIN_DIR = Path(sys.executable).parent
-
-
-class RunFailed(FederaError):
-    """The run started but did not finish well (ServerApp error, or a round without results)."""
 
 
 def free_port() -> int:

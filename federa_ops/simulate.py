@@ -10,70 +10,35 @@ it knows the PID to stop and leaves the user's ~/.flwr alone.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from federa_app import checkpoint, data, runtime
-from federa_app.config import DEFAULTS, RunConfig, parse_run_config, to_flwr_overrides
-from federa_app.errors import ConfigError
-from federa_app.models import check_model_fits, resolve_model
-from federa_app.privacy import sampled_per_round, with_dp
-from federa_app.records import (
+from federa_app.config import (
+    DEFAULTS,
+    RunConfig,
+    app_defaults,
+    default_app_dir,
+    parse_run_config,
+    to_flwr_overrides,
+)
+from federa_app.errors import ConfigError, RunFailed
+from federa_app.federation import checkpoint
+from federa_app.federation.server import check_before_start
+from federa_app.records.run_dir import (
     CONFIG_FILE,
     read_metrics,
     retire_summary,
     runs_root,
     unused_path,
 )
-from federa_app.runtime import BIN_DIR, Log, RunFailed
-from federa_app.strategies import build_strategy, check_node_count
+from federa_ops import runtime
+from federa_ops.runtime import BIN_DIR, Log
 
 FINISHED_GRACE = 1.0  # s to exit on SIGTERM once the run is finished, then SIGKILL
-
-
-def default_app_dir() -> Path:
-    """The Flower app to run: this source tree (where pyproject.toml declares the app)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def app_defaults(app_dir: Path) -> dict[str, Any]:
-    """The app's `[tool.flwr.app.config]` defaults, as `flwr run` will merge them."""
-    pyproject = Path(app_dir) / "pyproject.toml"
-    if not pyproject.is_file():
-        raise ConfigError(f"no Flower app at {app_dir}: pyproject.toml not found")
-    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
-
-
-def validate(cfg: RunConfig, num_clients: int) -> None:
-    """Everything checkable before Ray starts: model, dataset, rank, node counts, partitions."""
-    needed = max(cfg.min_train_nodes, cfg.min_available_nodes)
-    if num_clients < max(needed, 1):
-        raise ConfigError(
-            f"--num-clients {num_clients} is below min-train-nodes/min-available-nodes "
-            f"({needed}): use more clients or lower those keys"
-        )
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.ERROR)  # building it logs "federated evaluation skipped"
-    try:
-        # Fails on a strategy parameter the strategy lacks, or DP settings Flower refuses.
-        with_dp(build_strategy(cfg), cfg, sampled_per_round(cfg, num_clients))
-        check_node_count(cfg, num_clients, sampled_per_round(cfg, num_clients))
-    finally:
-        flwr_logger.setLevel(level)
-    model_ref = resolve_model(cfg.model)
-    data.validate_dataset_name(cfg.dataset)
-    train, _, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
-    check_model_fits(cfg, model_ref, len(labels))
-    data.partition_sizes(
-        train, cfg.partitioner, num_clients, cfg.seed, cfg.dirichlet_alpha, cfg.classes_per_client
-    )
 
 
 def result_table(run_dir: Path) -> str:
@@ -136,7 +101,7 @@ def prepare_run(
         overrides = resume_overrides(run_dir, saved.config, overrides)
         cfg = parse_run_config({**app_defaults(app_dir), **overrides})
         checkpoint.check_resumable(saved, cfg)
-        validate(cfg, nodes)
+        check_before_start(cfg, nodes)
         retire_summary(run_dir)  # checked: nothing can fail before the run now
         return app_dir, overrides, cfg, run_dir
     overrides["output-dir"] = str(Path(overrides.get("output-dir") or output_dir).resolve())
@@ -144,7 +109,7 @@ def prepare_run(
     if not cfg.run_name:
         overrides["run-name"] = time.strftime("%Y%m%d-%H%M%S-") + f"{cfg.method}-{os.getpid()}"
         cfg = parse_run_config({**app_defaults(app_dir), **overrides})
-    validate(cfg, nodes)
+    check_before_start(cfg, nodes)
     run_dir = runs_root(cfg.output_dir) / cfg.run_name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already exists and is not empty")

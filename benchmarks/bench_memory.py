@@ -3,16 +3,16 @@
 Each method (and precision) handles one train message in a fresh Python process, the way a
 SuperNode's `flwr-clientapp` process does in deployment (Flower 1.42 starts one per message): the
 process deserializes a Flower `Message` and its `Context`, calls the real ClientApp
-(`client_app.app`: mods, `federa_app.client.handle_train`) and serializes the reply. This parent
-plays the server: it writes the node's own data (`data="csv:PATH"`: the first `--examples` rows
-of rotten-tomatoes' train split), computes FeDeRA's SVD factors and each method's global
-trainable tensors, and builds the messages. One warm-up process first fills the node cache (the
-node's prepared rows, `FEDERA_NODE_CACHE` in a temporary directory), as a node's first message
-does; the measured processes then find it warm, as every later message does. Figures are
-printed, not asserted. On an edge device, the s/step it prints divided by ours is its slowdown
+(`client_app.app`: mods, `federa_app.federation.client.handle_train`) and serializes the reply.
+This parent plays the server: it writes the node's own data (`data="csv:PATH"`: the first
+`--examples` rows of rotten-tomatoes' train split), computes FeDeRA's SVD factors and each method's
+global trainable tensors, and builds the messages. One warm-up process first fills the node cache
+(the node's prepared rows, `FEDERA_NODE_CACHE` in a temporary directory), as a node's first message
+does; the measured processes then find it warm, as every later message does. Figures are printed,
+not asserted. On an edge device, the s/step it prints divided by ours is its slowdown
 factor.
 
-    .venv/bin/python simulation/bench_memory.py [--methods federa fft] [--steps 10] [--threads 1]
+    .venv/bin/python benchmarks/bench_memory.py [--methods federa fft] [--steps 10] [--threads 1]
         [--examples 500] [--batch-size 16] [--max-length 64] [--device cpu|cuda]
         [--precision fp32 bf16] [--malloc-mmap-threshold 131072]
 """
@@ -114,11 +114,11 @@ def run_child(spec: dict, workdir: Path, name: str, args: argparse.Namespace) ->
 
 def write_node_csv(path: Path, examples: int) -> tuple[str, ...]:
     """The node's own file: the first rows of the run's train split; the server's label names."""
-    from federa_app import data
     from federa_app.config import parse_run_config
+    from federa_app.data import loading
 
     cfg = parse_run_config({})
-    train, _, labels = data.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
+    train, _, labels = loading.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     rows = train.select(range(min(examples, len(train))))
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -136,10 +136,10 @@ def train_message(run_config: dict, labels: tuple[str, ...], factors: dict | Non
     from flwr.app.message import make_message
     from flwr.common.serde import message_to_proto
 
-    from federa_app import models
     from federa_app.config import parse_run_config
-    from federa_app.server import make_train_config
-    from federa_app.wire import INIT_FACTORS_KEY
+    from federa_app.federation.server import make_train_config
+    from federa_app.federation.wire import INIT_FACTORS_KEY
+    from federa_app.method import models
 
     cfg = parse_run_config(run_config)
     model_ref = models.resolve_model(cfg.model)
@@ -203,8 +203,8 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from federa_app import models
     from federa_app.config import parse_run_config
+    from federa_app.method import models
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch.cuda.is_available() is False (no GPU/CUDA build)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from federa_app.federa_init import lora_layers
+from federa_app.method.federa_init import lora_layers
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from federa_app.errors import ConfigError
-from federa_app.wire import NODE_REPORT_KEY
+from federa_app.federation.wire import NODE_REPORT_KEY
 
 WORKER_KEY = "warm-worker"  # node-config key: the worker's socket path (absolute)
 PROTOCOL = 1
@@ -588,7 +588,9 @@ def run_worker(
             raise ConfigError(f"--threads {threads} must be >= 1")
         os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts its thread pool
     if handler is None:
-        from federa_app.client import handle_train  # torch, transformers, peft, datasets: once
+        from federa_app.federation.client import (
+            handle_train,  # torch, transformers, peft, datasets: once
+        )
 
         handler = handle_train
     import torch
