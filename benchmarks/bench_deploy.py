@@ -83,20 +83,27 @@ def run_pair(method: str, nodes: int, rounds: int, out: Path, extra: dict) -> di
     return figures
 
 
-def message_child(args: argparse.Namespace) -> None:
-    """In a fresh process: import the ClientApp, handle one train message, print JSON timings."""
-    started = time.perf_counter()
+def timed_imports(steps: tuple[tuple[str, str], ...]) -> dict[str, float]:
+    """Import each module in turn, then the ClientApp as flwr-clientapp loads it from the app
+    bundle; each step's seconds are what it adds to the ones before."""
     timings: dict[str, float] = {}
-    for label, module in IMPORT_STEPS:  # each step's time is what it adds to the ones before
+    for label, module in steps:
         t = time.perf_counter()
         __import__(module)
         timings[f"import {label}"] = time.perf_counter() - t
     sys.path.insert(0, str(ROOT))
     t = time.perf_counter()
-    import client_app  # noqa: F401  (what flwr-clientapp loads from the app bundle)
-    from federa_app.federation.client import handle_train
+    import client_app  # noqa: F401
 
     timings["import client_app (federa_app)"] = time.perf_counter() - t
+    return timings
+
+
+def message_child(args: argparse.Namespace) -> None:
+    """In a fresh process: import the ClientApp, handle one train message, print JSON timings."""
+    started = time.perf_counter()
+    timings = timed_imports(IMPORT_STEPS)
+    from federa_app.federation.client import handle_train
 
     timings["imports total"] = time.perf_counter() - started
 
@@ -144,17 +151,10 @@ def warm_child(args: argparse.Namespace) -> None:
     """In a fresh process: the ClientApp forwards one train message to the warm worker; print
     JSON timings (this process's imports, the exchange, the worker's own figures)."""
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    for label, module in FLWR_STEPS:
-        t = time.perf_counter()
-        __import__(module)
-        timings[f"import {label}"] = time.perf_counter() - t
-    sys.path.insert(0, str(ROOT))
-    t = time.perf_counter()
-    import client_app  # what flwr-clientapp loads from the app bundle
+    timings = timed_imports(FLWR_STEPS)
+    import client_app
     from federa_app.federation import warm_worker
 
-    timings["import client_app (federa_app)"] = time.perf_counter() - t
     timings["imports total"] = time.perf_counter() - started
     saved = json.loads(Path(args.warm_child).read_text())
     message, context = _message_and_context(saved, args.worker_socket)

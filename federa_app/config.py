@@ -447,3 +447,21 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
     if not pyproject.is_file():
         raise ConfigError(f"no Flower app at {app_dir}: pyproject.toml not found")
     return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """How the training split is dealt among clients: the partitioner spec and its settings."""
+
+    spec: str  # one of PARTITIONER_CHOICES
+    num_partitions: int
+    seed: int
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+
+    @classmethod
+    def of(cls, cfg: RunConfig, num_partitions: int) -> Partitioning:
+        """A run's partitioning among `num_partitions` clients."""
+        return cls(
+            cfg.partitioner, num_partitions, cfg.seed, cfg.dirichlet_alpha, cfg.classes_per_client
+        )

@@ -42,7 +42,7 @@ def _node_count(args: argparse.Namespace, given: int | None, default: int) -> in
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from federa_ops.simulate import result_table, simulate
+    from federa_ops.simulate import simulate
 
     run_dir = simulate(
         num_clients=_node_count(args, args.num_clients, 10),
@@ -51,13 +51,11 @@ def _simulate(args: argparse.Namespace) -> None:
         app_dir=args.app,
         cpus_per_client=args.cpus_per_client,
     )
-    print(result_table(run_dir))
-    print(f"run directory: {run_dir}")
+    _show(run_dir)
 
 
 def _deploy(args: argparse.Namespace) -> None:
     from federa_ops.deploy import deploy_local
-    from federa_ops.simulate import result_table
 
     run_dir = deploy_local(
         nodes=_node_count(args, args.nodes, 3),
@@ -69,6 +67,12 @@ def _deploy(args: argparse.Namespace) -> None:
         node_data=args.node_data,
         warm_workers=args.warm_workers,
     )
+    _show(run_dir)
+
+
+def _show(run_dir: Path) -> None:
+    from federa_ops.simulate import result_table
+
     print(result_table(run_dir))
     print(f"run directory: {run_dir}")
 

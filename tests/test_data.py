@@ -18,6 +18,7 @@ from datasets import ClassLabel, Dataset
 from flwr_datasets.partitioner import DirichletPartitioner
 from transformers import BertTokenizer
 
+from federa_app.config import Partitioning
 from federa_app.data import assets, loading, partitioning
 from federa_app.errors import AssetError, ConfigError, DataError
 
@@ -43,7 +44,7 @@ def partition_indices(train: Dataset, spec: str, n: int = 5, seed: int = 7, alph
     """Each partition's sorted `idx` values, computed afresh (in-process memo cleared)."""
     loading._MEMO.clear()
     return [
-        sorted(loading.client_partition(train, spec, n, pid, seed, alpha, 2)["idx"])
+        sorted(loading.client_partition(train, Partitioning(spec, n, seed, alpha, 2), pid)["idx"])
         for pid in range(n)
     ]
 
@@ -56,7 +57,9 @@ def test_partitions_are_deterministic_disjoint_and_cover_the_train_split(spec: s
     assert partition_indices(train, spec, seed=8) != first  # the seed matters
     every_row = [i for part in first for i in part]
     assert sorted(every_row) == list(range(len(train)))  # disjoint and complete
-    assert loading.partition_sizes(train, spec, 5, 7, 0.5, 2) == [len(part) for part in first]
+    assert loading.partition_sizes(train, Partitioning(spec, 5, 7, 0.5, 2)) == [
+        len(part) for part in first
+    ]
 
 
 def test_partitions_and_split_are_the_same_in_a_fresh_process() -> None:
@@ -104,7 +107,9 @@ def mean_label_skew(train: Dataset, alpha: float, n: int = 10) -> float:
     overall = np.bincount(labels, minlength=4) / len(labels)
     distances = []
     for pid in range(n):
-        part = np.array(loading.client_partition(train, "dirichlet", n, pid, 0, alpha, 2)["label"])
+        part = np.array(
+            loading.client_partition(train, Partitioning("dirichlet", n, 0, alpha, 2), pid)["label"]
+        )
         local = np.bincount(part, minlength=4) / len(part)
         distances.append(0.5 * np.abs(local - overall).sum())
     return float(np.mean(distances))
@@ -121,49 +126,55 @@ def test_column_partitioner_keeps_each_value_on_one_client() -> None:
     train = synthetic(rows=1500, num_groups=37)
     owners: dict[str, set[int]] = {}
     for pid in range(6):
-        for group in loading.client_partition(train, "column:group", 6, pid, 0, 0.5, 2)["group"]:
+        for group in loading.client_partition(
+            train, Partitioning("column:group", 6, 0, 0.5, 2), pid
+        )["group"]:
             owners.setdefault(group, set()).add(pid)
     assert len(owners) == 37
     assert all(len(pids) == 1 for pids in owners.values())
     assert {pid for pids in owners.values() for pid in pids} == set(range(6))  # exactly 6 clients
     with pytest.raises(DataError, match="only 37 distinct values"):
-        loading.partition_sizes(train, "column:group", 40, 0, 0.5, 2)
+        loading.partition_sizes(train, Partitioning("column:group", 40, 0, 0.5, 2))
     with pytest.raises(DataError, match="no column 'speaker'.*group"):
-        loading.partition_sizes(train, "column:speaker", 3, 0, 0.5, 2)
+        loading.partition_sizes(train, Partitioning("column:speaker", 3, 0, 0.5, 2))
 
 
 def test_pathological_gives_each_client_the_chosen_number_of_classes() -> None:
     train = synthetic(rows=1200)
     for pid in range(8):
-        part = loading.client_partition(train, "pathological", 8, pid, 0, 0.5, 2)
+        part = loading.client_partition(train, Partitioning("pathological", 8, 0, 0.5, 2), pid)
         assert len(set(part["label"])) == 2
 
 
 def test_empty_or_impossible_partitions_raise_data_error(monkeypatch) -> None:
     tiny = synthetic(rows=5)
     with pytest.raises(DataError, match="5 training rows into 8 partitions.*fewer clients"):
-        loading.partition_sizes(tiny, "iid", 8, 0, 0.5, 2)
-    assert loading.partition_sizes(tiny, "iid", 5, 0, 0.5, 2) == [1] * 5
+        loading.partition_sizes(tiny, Partitioning("iid", 8, 0, 0.5, 2))
+    assert loading.partition_sizes(tiny, Partitioning("iid", 5, 0, 0.5, 2)) == [1] * 5
     with pytest.raises(DataError, match="larger dirichlet-alpha"):
-        loading.partition_sizes(synthetic(rows=60), "dirichlet", 30, 0, 0.001, 2)
+        loading.partition_sizes(synthetic(rows=60), Partitioning("dirichlet", 30, 0, 0.001, 2))
 
     # A partitioner allowed to leave clients empty: the guard names the first empty one.
-    def allow_empty(spec, num_partitions, seed, alpha, k):
-        return DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=0, seed=seed)
+    def allow_empty(how: Partitioning) -> DirichletPartitioner:
+        return DirichletPartitioner(
+            how.num_partitions, "label", how.dirichlet_alpha, min_partition_size=0, seed=how.seed
+        )
 
     monkeypatch.setattr(partitioning, "make_partitioner", allow_empty)
     skewed = synthetic(rows=200)
-    sizes = [len(part) for part in loading._partitions(skewed, "dirichlet", 20, 7, 0.01, 2)]
+    sizes = [
+        len(part) for part in loading._partitions(skewed, Partitioning("dirichlet", 20, 7, 0.01, 2))
+    ]
     first_empty = sizes.index(0)
     with pytest.raises(DataError, match=f"partition {first_empty} of 20 is empty.*dirichlet-alpha"):
-        loading.partition_sizes(skewed, "dirichlet", 20, 7, 0.01, 2)
+        loading.partition_sizes(skewed, Partitioning("dirichlet", 20, 7, 0.01, 2))
     with pytest.raises(DataError, match=f"partition {first_empty} of 20 is empty"):
-        loading.client_partition(skewed, "dirichlet", 20, first_empty, 7, 0.01, 2)
+        loading.client_partition(skewed, Partitioning("dirichlet", 20, 7, 0.01, 2), first_empty)
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="dirichlet, iid, pathological, column:NAME"):
-        partitioning.make_partitioner("shards", 4, 0, 0.5, 2)
+        partitioning.make_partitioner(Partitioning("shards", 4, 0, 0.5, 2))
     with pytest.raises(ConfigError, match="partition id 9"):
-        loading.client_partition(tiny, "iid", 3, 9, 0, 0.5, 2)
+        loading.client_partition(tiny, Partitioning("iid", 3, 0, 0.5, 2), 9)
 
 
 def test_csv_with_string_labels_and_text_pair(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from conftest import write_toy_csv
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from federa_app.config import parse_run_config
+from federa_app.config import Partitioning, parse_run_config
 from federa_app.data import loading
 from federa_app.errors import ConfigError, DataError
 from federa_app.federation import client
@@ -124,7 +124,9 @@ def test_named_dataset_partition_is_the_runs_partition(
     cfg = parse_run_config(config)
     node_config = {"data": "sms-spam", "partition-id": 1, "num-partitions": 3}
     train, _, names = loading.load_task("sms-spam", cfg.test_fraction, cfg.seed)
-    expected = loading.client_partition(train, "iid", 3, 1, cfg.seed, cfg.dirichlet_alpha, 2)
+    expected = loading.client_partition(
+        train, Partitioning("iid", 3, cfg.seed, cfg.dirichlet_alpha, 2), 1
+    )
 
     rows = loading.node_train_data(node_config, cfg, ("ham", "spam"))
     assert names == ("ham", "spam")
@@ -188,7 +190,9 @@ def test_without_data_the_node_keeps_its_partition_of_the_runs_dataset(
     cfg = parse_run_config(config)
     node_config = {"partition-id": 1, "num-partitions": 2}
     train, _, labels = loading.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
-    expected = loading.client_partition(train, "iid", 2, 1, cfg.seed, cfg.dirichlet_alpha, 2)
+    expected = loading.client_partition(
+        train, Partitioning("iid", 2, cfg.seed, cfg.dirichlet_alpha, 2), 1
+    )
     for sent in (labels, None):  # the server's label list, or none (an older server)
         rows = loading.node_train_data(node_config, cfg, labels)
         assert rows is expected  # the very partition, untouched

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from federa_app.config import RunConfig, partition_advice
+from federa_app.config import Partitioning, RunConfig, partition_advice
 from federa_app.data.assets import DATASET_ASSETS, asset_path, federa_home
 from federa_app.errors import AssetError, ConfigError, DataError
 
@@ -226,26 +226,16 @@ def load_task(
     return train, test, tuple(labels)
 
 
-def _partitions(
-    train: Dataset,
-    spec: str,
-    num_partitions: int,
-    seed: int,
-    dirichlet_alpha: float,
-    classes_per_client: int,
-) -> list[Dataset]:
-    """All partitions of `train` for a spec, computed once per process and memoized."""
-    key = ("partitions", train._fingerprint, spec, num_partitions, seed, dirichlet_alpha)
-    key += (classes_per_client,)
+def _partitions(train: Dataset, how: Partitioning) -> list[Dataset]:
+    """All partitions of `train`, computed once per process and memoized."""
+    key = ("partitions", train._fingerprint, how)
     if key in _MEMO:
         return _MEMO[key]
     # Imported here: flwr-datasets pulls in its plotting stack (seaborn, scipy: ~0.7 s), which a
     # node whose prepared rows are cached on disk never needs.
     from federa_app.data.partitioning import compute_partitions
 
-    partitions = compute_partitions(
-        train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client
-    )
+    partitions = compute_partitions(train, how)
     _memo_put(key, partitions)
     return partitions
 
@@ -264,35 +254,19 @@ def _check_not_empty(sizes: list[int], partition_ids: list[int], spec: str) -> N
             )
 
 
-def partition_sizes(
-    train: Dataset,
-    spec: str,
-    num_partitions: int,
-    seed: int,
-    dirichlet_alpha: float,
-    classes_per_client: int,
-) -> list[int]:
+def partition_sizes(train: Dataset, how: Partitioning) -> list[int]:
     """Rows per partition, so the server can refuse a run with an empty client before training."""
-    partitions = _partitions(train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
-    sizes = [len(partition) for partition in partitions]
-    _check_not_empty(sizes, list(range(num_partitions)), spec)
+    sizes = [len(partition) for partition in _partitions(train, how)]
+    _check_not_empty(sizes, list(range(how.num_partitions)), how.spec)
     return sizes
 
 
-def client_partition(
-    train: Dataset,
-    spec: str,
-    num_partitions: int,
-    partition_id: int,
-    seed: int,
-    dirichlet_alpha: float,
-    classes_per_client: int,
-) -> Dataset:
+def client_partition(train: Dataset, how: Partitioning, partition_id: int) -> Dataset:
     """One client's rows of the training split; identical on every node for the same seed."""
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(f"partition id {partition_id} is not in 0..{num_partitions - 1}")
-    partitions = _partitions(train, spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
-    _check_not_empty([len(partition) for partition in partitions], [partition_id], spec)
+    if not 0 <= partition_id < how.num_partitions:
+        raise ConfigError(f"partition id {partition_id} is not in 0..{how.num_partitions - 1}")
+    partitions = _partitions(train, how)
+    _check_not_empty([len(partition) for partition in partitions], [partition_id], how.spec)
     return partitions[partition_id]
 
 
@@ -453,15 +427,7 @@ def _node_partition(
     partition_id = _node_int(node_config, "partition-id")
     num_partitions = _node_int(node_config, "num-partitions")
     train, _, names = load_task(name, cfg.test_fraction, cfg.seed)
-    rows = client_partition(
-        train,
-        cfg.partitioner,
-        num_partitions,
-        partition_id,
-        cfg.seed,
-        cfg.dirichlet_alpha,
-        cfg.classes_per_client,
-    )
+    rows = client_partition(train, Partitioning.of(cfg, num_partitions), partition_id)
     return rows, list(names)
 
 

@@ -18,7 +18,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from federa_app.config import PARTITIONER_CHOICES, partition_advice
+from federa_app.config import PARTITIONER_CHOICES, Partitioning, partition_advice
 from federa_app.errors import ConfigError, DataError
 
 
@@ -61,10 +61,10 @@ class ColumnGroupPartitioner(Partitioner):
         return self.dataset.select(self._indices[partition_id])
 
 
-def make_partitioner(
-    spec: str, num_partitions: int, seed: int, dirichlet_alpha: float, classes_per_client: int
-) -> Partitioner:
+def make_partitioner(how: Partitioning) -> Partitioner:
     """A fresh flwr-datasets partitioner for a spec in PARTITIONER_CHOICES, not yet given data."""
+    spec, num_partitions, seed = how.spec, how.num_partitions, how.seed
+    dirichlet_alpha, classes_per_client = how.dirichlet_alpha, how.classes_per_client
     if num_partitions < 1:
         raise ConfigError(f"number of partitions {num_partitions} must be at least 1")
     if spec == "iid":
@@ -96,17 +96,11 @@ def make_partitioner(
     )
 
 
-def compute_partitions(
-    train: Dataset,
-    spec: str,
-    num_partitions: int,
-    seed: int,
-    dirichlet_alpha: float,
-    classes_per_client: int,
-) -> list[Dataset]:
-    """All partitions of `train` for a spec (loading.py memoizes them per process)."""
+def compute_partitions(train: Dataset, how: Partitioning) -> list[Dataset]:
+    """All partitions of `train` (loading.py memoizes them per process)."""
+    spec, num_partitions = how.spec, how.num_partitions
     column = spec.removeprefix("column:") if spec.startswith("column:") else "label"
-    partitioner = make_partitioner(spec, num_partitions, seed, dirichlet_alpha, classes_per_client)
+    partitioner = make_partitioner(how)
     if column not in train.column_names:
         raise DataError(
             f"partitioner '{spec}': no column '{column}' in the training data "
@@ -116,7 +110,7 @@ def compute_partitions(
     if len(train) < num_partitions:
         raise DataError(f"partitioner '{spec}' {cannot_split}; use fewer clients")
     # IidPartitioner takes contiguous shards, so rows are shuffled (seeded) for every partitioner.
-    partitioner.dataset = train.shuffle(seed=seed, keep_in_memory=True)
+    partitioner.dataset = train.shuffle(seed=how.seed, keep_in_memory=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # flwr warns per Dirichlet redraw; we raise if all fail

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from federa_app.config import RunConfig, parse_run_config
+from federa_app.config import Partitioning, RunConfig, parse_run_config
 from federa_app.data import loading
 from federa_app.errors import ConfigError
 from federa_app.federation import checkpoint
@@ -177,9 +177,7 @@ def check_inputs(grid: Grid, cfg: RunConfig) -> Inputs:
     check_model_fits(cfg, model_ref, len(labels))
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes:
-        loading.partition_sizes(
-            train, cfg.partitioner, num_nodes, cfg.seed, cfg.dirichlet_alpha, cfg.classes_per_client
-        )
+        loading.partition_sizes(train, Partitioning.of(cfg, num_nodes))
         check_node_count(cfg, num_nodes, sampled_per_round(cfg, num_nodes))
     return Inputs(resumed, model_ref, train, test, labels, num_nodes)
 
@@ -329,6 +327,4 @@ def check_before_start(cfg: RunConfig, num_clients: int) -> None:
     loading.validate_dataset_name(cfg.dataset)
     train, _, labels = loading.load_task(cfg.dataset, cfg.test_fraction, cfg.seed)
     check_model_fits(cfg, model_ref, len(labels))
-    loading.partition_sizes(
-        train, cfg.partitioner, num_clients, cfg.seed, cfg.dirichlet_alpha, cfg.classes_per_client
-    )
+    loading.partition_sizes(train, Partitioning.of(cfg, num_clients))
