@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import InProcessGrid, write_toy_csv
-from flwr.app import Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
 
 from federa_app.config import METHODS, STRATEGIES, parse_run_config
 from federa_app.errors import ConfigError
 from federa_app.federation.server import check_before_start, run_server
 from federa_app.federation.strategies import (
+    STRATEGY_CLASSES,
     build_strategy,
     check_node_count,
     refusal,
@@ -91,6 +94,36 @@ def test_the_server_optimisers_return_the_models_dtypes(tmp_path, tiny_bert, ser
             "num-server-rounds": 2}))  # fmt: skip
         assert [r["clients"] for r in rows] == [0, NODES, NODES], strategy
         assert rows[2]["rejected_nodes"] == [], strategy
+
+
+def server_steps(strategy, monkeypatch, push: float = 0.05, rounds: int = 10) -> list[float]:
+    """The server's step per round when the clients' average always moves every element by
+    `push` (FedAvg's aggregate stubbed: the server optimiser's own arithmetic is under test)."""
+    arrays = {"w": np.zeros(4, dtype=np.float32)}
+    steps = []
+    for server_round in range(1, rounds + 1):
+        average = ArrayRecord({"w": Array(arrays["w"] + np.float32(push))})
+        monkeypatch.setattr(
+            flwr_strategy.FedAvg,
+            "aggregate_train",
+            lambda self, r, replies, average=average: (average, None),
+        )
+        strategy.current_arrays = dict(arrays)
+        new = strategy.aggregate_train(server_round, [])[0]["w"].numpy()
+        steps.append(float(new[0] - arrays["w"][0]))
+        arrays = {"w": new}
+    return steps
+
+
+def test_fedyogi_steps_like_fedadam_when_the_clients_keep_pushing_one_way(monkeypatch):
+    """Flower's FedYogi lacks FedAdam's bias correction: its step grows to ~2 eta; ours does not."""
+    eta = 0.03
+    ours = server_steps(STRATEGY_CLASSES["fedyogi"](eta=eta, tau=0.001), monkeypatch)
+    flowers = server_steps(flwr_strategy.FedYogi(eta=eta, tau=0.001), monkeypatch)
+    adam = server_steps(STRATEGY_CLASSES["fedadam"](eta=eta, tau=0.001), monkeypatch)
+    assert max(flowers) > 1.8 * eta  # the overshoot behind fedyogi's Dirichlet 0.5 result
+    assert max(ours) <= eta  # FedAdam's alpha_t: ~0.6 eta in round 1, towards eta after
+    assert ours == pytest.approx(adam, rel=0.05)  # v_t differs, but little in 10 rounds
 
 
 @pytest.mark.parametrize(
