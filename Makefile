@@ -31,9 +31,10 @@ deploy: fetch
 
 # Two workers: a Ray simulation leaves the second core idle ~40% of the time (start-up, waits).
 # loadfile: a file's tests stay on one worker (the smoke grid's two tests share one run).
+# --durations: the 20 slowest tests, for keeping the suite under its time budget.
 TEST_WORKERS ?= 2
 test: fetch
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # Real runs that need root, several GB and minutes; not part of `make test` (README: Docker, Edge).
 # docker-check: the image built and compose.yaml's TLS federation run on a Docker engine.
