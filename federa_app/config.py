@@ -456,8 +456,8 @@ class Partitioning:
     spec: str  # one of PARTITIONER_CHOICES
     num_partitions: int
     seed: int
-    dirichlet_alpha: float = 0.5
-    classes_per_client: int = 2
+    dirichlet_alpha: float
+    classes_per_client: int
 
     @classmethod
     def of(cls, cfg: RunConfig, num_partitions: int) -> Partitioning:
