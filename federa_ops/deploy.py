@@ -342,8 +342,9 @@ def deploy_local(
                     node.reported = True
                     log(f"federa: {exit_reason(node)}")
 
+        bundle = runtime.stage_app(app_dir, home / "app")  # flwr run builds the FAB from it
         dep.runner = runtime.start(
-            [str(BIN_DIR / "flwr"), "run", str(app_dir), "federa", "--stream",
+            [str(BIN_DIR / "flwr"), "run", str(bundle), "federa", "--stream",
              "--run-config", to_flwr_overrides(overrides)],
             run_log, dep.env, home,
         )  # fmt: skip

@@ -8,14 +8,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from flwr.cli.build import get_filtered_fab_paths
+from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
+from flwr.common.constant import FAB_CONFIG_FILE, FAB_EXCLUDE_PATTERNS
 
 from federa_app.errors import RunFailed
 from federa_app.records.run_dir import SUMMARY_FILE, read_metrics
@@ -52,6 +58,38 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "federa"\n\n[superlink.federa]\naddress = "{address}"\n{tls}'
     )
+
+
+def bundle_files(app_dir: Path) -> dict[str, Path]:
+    """The files Flower puts in `app_dir`'s bundle (FAB), by their paths in it, found without
+    entering the directories Flower would drop anyway (gitignored, __pycache__, .git)."""
+    gitignore = app_dir / ".gitignore"
+    ignored = build_pathspec(
+        [*load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""),
+         *FAB_EXCLUDE_PATTERNS, ".git/"]
+    )  # fmt: skip
+    files: dict[str, Path] = {}
+    for folder, subfolders, names in os.walk(app_dir):
+        here = Path(folder).relative_to(app_dir)
+        subfolders[:] = [d for d in subfolders if not ignored.match_file(f"{here / d}/")]
+        for name in names:
+            path = Path(folder) / name
+            if not path.is_symlink():  # Flower skips symlinks too
+                files[(here / name).as_posix()] = path
+    config = tomllib.loads((app_dir / FAB_CONFIG_FILE).read_text())
+    kept = get_filtered_fab_paths(filter_paths_for_publish(files), config)
+    return {name: files[name] for name in [FAB_CONFIG_FILE, *kept]}
+
+
+def stage_app(app_dir: Path, into: Path) -> Path:
+    """Copy `app_dir`'s bundle into `into` (created) and return it, for `flwr run` to build from.
+
+    `flwr run` walks and resolves every file under the app directory before it filters them:
+    ~50,000 in a checkout with its .venv, 5-7 s of CPU a run. The copy builds the same FAB."""
+    for name, path in bundle_files(app_dir).items():
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, into / name)
+    return into
 
 
 def start(command: list[str], log_file: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:

@@ -148,8 +148,9 @@ def simulate(
         )  # fmt: skip
         runtime.wait_healthy(port, superlink, superlink_log)
         federation = f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
+        bundle = runtime.stage_app(app_dir, flwr_home / "app")  # flwr run builds the FAB from it
         runner = runtime.start(
-            [str(BIN_DIR / "flwr"), "run", str(app_dir), "federa", "--stream",
+            [str(BIN_DIR / "flwr"), "run", str(bundle), "federa", "--stream",
              "--run-config", to_flwr_overrides(overrides), "--federation-config", federation],
             run_log, env, flwr_home,
         )  # fmt: skip

@@ -7,9 +7,16 @@ import tempfile
 
 # The hub is unreachable here: say so up front instead of letting each lookup time out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs two xdist workers: with torch's default of a thread per core in each, OpenMP's
+# spinning barriers oversubscribe the cores and in-process training runs ~5x slower (measured:
+# tests/test_methods.py beside two busy processes, 133 s with 2 threads, 25 s with 1). Each
+# worker gets its share; simulations and deployments the tests start inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 # Nodes cache their prepared rows on disk (loading.cached_node_train_data): keep the tests' apart.
 os.environ.setdefault("FEDERA_NODE_CACHE", tempfile.mkdtemp(prefix="federa-test-node-cache-"))
 
+import gc  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
@@ -83,6 +90,15 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT model directory, usable wherever a `model` path is accepted."""
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def frozen_heap():
+    """QFedAvg, Krum and Bulyan make Flower call gc.collect() per record (0.3 s each over a heap
+    holding torch and transformers); freezing what is alive now makes those calls cheap."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture

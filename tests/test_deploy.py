@@ -154,7 +154,7 @@ def _still_running(processes: set[psutil.Process]) -> list[str]:
 
 @pytest.mark.integration
 def test_tls_deployment_of_three_nodes_trains_the_real_model(tmp_path):
-    config = "num-server-rounds=2 local-steps=3 eval-max-examples=200 run-name=tls"
+    config = "num-server-rounds=2 local-steps=3 eval-max-examples=200 max-length=32 run-name=tls"
     config += " min-train-nodes=3 min-available-nodes=3"
     code, output, started = _run_deploy(
         ["--nodes", "3", "--tls", "--output-dir", str(tmp_path), "--run-config", config]

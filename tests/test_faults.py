@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import shutil
 import signal
@@ -112,15 +111,6 @@ def _node(message: Message) -> int:
 
 
 STATEFUL = {"fedadam", "fedyogi", "fedadagrad", "fedavgm"}
-
-
-@pytest.fixture
-def frozen_heap():
-    """QFedAvg and Bulyan make Flower call gc.collect() per record (0.3 s each over a heap
-    holding torch and transformers); freezing what is alive now makes those calls cheap."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 @pytest.mark.parametrize("dp", ["none", "server-adaptive"])

@@ -62,7 +62,7 @@ def run_in_process(run_config: dict, nodes: int = NODES) -> list[dict]:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_lowers_the_loss_with_every_method_it_accepts(
-    strategy, tmp_path, tiny_bert, server_identity
+    strategy, tmp_path, tiny_bert, server_identity, frozen_heap
 ):
     not_learning = []
     for method in METHODS:

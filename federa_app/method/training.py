@@ -21,9 +21,15 @@ from federa_app.errors import ConfigError
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def omp_threads() -> int:
+    """OMP_NUM_THREADS as a thread count; 0 when it is unset, empty or an OpenMP list ("4,2")."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
 def set_threads(cfg: RunConfig) -> int:
     """Use `num-threads`, else the CPUs this process was given (Ray sets OMP_NUM_THREADS)."""
-    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", 0))
+    threads = cfg.num_threads or omp_threads()
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     return torch.get_num_threads()
 
