@@ -10,9 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `make test` runs two xdist workers: with torch's default of a thread per core in each, OpenMP's
 # spinning barriers oversubscribe the cores and in-process training runs ~5x slower (measured:
 # tests/test_methods.py beside two busy processes, 133 s with 2 threads, 25 s with 1). Each
-# worker gets its share; simulations and deployments the tests start inherit it.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+# worker gets its share; simulations and deployments the tests start inherit it. (Only in a
+# worker: they inherit the controller's environment, which must keep the user's setting.)
+if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
 # Nodes cache their prepared rows on disk (loading.cached_node_train_data): keep the tests' apart.
 os.environ.setdefault("FEDERA_NODE_CACHE", tempfile.mkdtemp(prefix="federa-test-node-cache-"))
 
@@ -84,6 +86,18 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
     )
     BertModel(config).save_pretrained(path)
     return path
+
+
+# `make test` hands whole files to its two workers in collection order: the files that run
+# simulations and deployments go first, longest first (make test's --durations), so that no long
+# file starts last while the other worker has nothing left to do.
+LONGEST_FIRST = ("test_integration.py", "test_compare.py", "test_deploy.py", "test_faults.py",
+                 "test_simulation.py", "test_strategies.py", "test_methods.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep order
 
 
 @pytest.fixture(scope="session")

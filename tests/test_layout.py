@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
+from federa_ops.runtime import stage_app
+
 ROOT = Path(__file__).resolve().parent.parent
 APP_FILES = ("server_app", "client_app")
 # What each layer may import, besides itself (third-party packages are not checked).
@@ -148,18 +150,34 @@ def with_parent_packages(modules: set[str]) -> set[str]:
     return out
 
 
-def test_the_bundle_holds_the_two_apps_and_exactly_the_modules_they_import():
+@pytest.fixture(scope="module")
+def fab_bytes() -> bytes:
+    """The bundle Flower builds from the checkout (it walks every file, .venv included: ~5 s)."""
+    return build_fab_from_disk(ROOT)
+
+
+def test_the_bundle_holds_the_two_apps_and_exactly_the_modules_they_import(fab_bytes):
     graph = import_graph(ROOT)
     needed = with_parent_packages(closure(graph, list(APP_FILES)))
     modules = project_modules(ROOT)
     expected = {str(modules[m].relative_to(ROOT)) for m in needed} | {"pyproject.toml"}
 
-    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT)))
+    fab = zipfile.ZipFile(io.BytesIO(fab_bytes))
     shipped = {name for name in fab.namelist() if not name.startswith(".info/")}
 
     assert shipped - expected == set(), "in the bundle but imported by neither app"
     assert expected - shipped == set(), "imported by an app but missing from the bundle"
     assert all(layer(m) == "app" for m in needed)
+
+
+def test_flwr_run_gets_a_staged_copy_that_builds_the_same_bundle(fab_bytes, tmp_path):
+    """`federa simulate` and `federa deploy` hand `flwr run` a copy of the bundle's files, so
+    that Flower does not walk the checkout: the bundle built from it is the same, byte for byte."""
+    staged = stage_app(ROOT, tmp_path / "app")
+    assert build_fab_from_disk(staged) == fab_bytes
+    assert sorted(p.name for p in staged.iterdir()) == [
+        "client_app.py", "federa_app", "pyproject.toml", "server_app.py"
+    ]  # fmt: skip
 
 
 def test_the_app_imports_neither_the_operators_tools_nor_the_harness_and_layers_go_down():
