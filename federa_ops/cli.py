@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
 from pathlib import Path
 
-from federa_app.errors import FederaError
+from federa_app.errors import ConfigError, FederaError
 
 RESUME_HELP = (
     "continue this run directory after its last checkpointed round, with its own run config "
@@ -103,6 +104,10 @@ def _compare(args: argparse.Namespace) -> None:
     from simulation.report import write_report
 
     grid = load_grid(args.grid)
+    if args.cpus_per_client is not None:  # this machine's actor size; cells keep their names
+        if args.cpus_per_client < 1:
+            raise ConfigError(f"--cpus-per-client {args.cpus_per_client} must be an integer >= 1")
+        grid = dataclasses.replace(grid, cpus_per_client=args.cpus_per_client)
     out_dir = Path(args.output_dir or Path("results") / grid.name).resolve()
     if args.dry_run:
         for cell in expand(grid):
@@ -254,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compare", help="run a grid of simulations; tables and plots")
     comp.add_argument("grid", help="preset (smoke, quick, sweep, paper) or a TOML grid file")
     comp.add_argument("--output-dir", default=None, help="grid directory (results/GRID-NAME)")
+    comp.add_argument(
+        "--cpus-per-client", type=int, default=None,
+        help="CPUs each simulated client claims (default: the grid's cpus-per-client, else 1)",
+    )  # fmt: skip
     comp.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
     comp.add_argument("--report-only", action="store_true", help="tables from finished cells")
     comp.add_argument("--note", default="", help="a line for results.md (command, machine)")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SIM_CPUS_PER_CLIENT
 
 from federa_app.config import METHOD_LEARNING_RATES
 from federa_app.errors import ConfigError
@@ -17,6 +18,7 @@ from federa_ops.simulate import simulate
 from simulation.compare import expand, is_finished, load_grid, run_grid
 from simulation.report import late_accuracy, write_report
 
+CPUS = str(SIM_CPUS_PER_CLIENT)
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "adapter", "accuracy.png")
 
 
@@ -33,7 +35,7 @@ def _compare(*args: str) -> subprocess.CompletedProcess:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """The smoke preset run once, for real (3 Ray simulations on minilm-l6 + rotten-tomatoes)."""
     out = tmp_path_factory.mktemp("smoke")
-    result = _compare("smoke", "--output-dir", str(out))
+    result = _compare("smoke", "--output-dir", str(out), "--cpus-per-client", CPUS)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out, result
 
@@ -238,6 +240,10 @@ def test_cli_bad_grid_exits_2_before_running(tmp_path: Path) -> None:
     result = _compare("no-such-grid", "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.startswith("federa: error: no grid 'no-such-grid'")
+    assert not (tmp_path / "out").exists()
+    result = _compare("smoke", "--output-dir", str(tmp_path / "out"), "--cpus-per-client", "0")
+    assert result.returncode == 2
+    assert result.stderr == "federa: error: --cpus-per-client 0 must be an integer >= 1\n"
     assert not (tmp_path / "out").exists()
 
 

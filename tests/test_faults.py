@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import write_toy_csv
+from conftest import SIM_CPUS_PER_CLIENT, write_toy_csv
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from federa_app.config import STRATEGIES, parse_run_config, to_flwr_overrides
@@ -298,7 +298,7 @@ def test_faulty_and_failing_nodes_cannot_poison_the_global_model(tmp_path, tiny_
     csv = write_toy_csv(tmp_path / "toy.csv")
     overrides = _tiny(tiny_bert, csv, **{"num-server-rounds": 3, "run-name": "faulty",
                                         "min-available-nodes": 8})  # fmt: skip
-    run_dir = simulate(8, overrides, tmp_path / "runs", app_dir=app, log=print)
+    run_dir = simulate(8, overrides, tmp_path / "runs", app, SIM_CPUS_PER_CLIENT, log=print)
 
     rows = read_metrics(run_dir)
     assert [r["clients"] for r in rows] == [0, 2, 1, 2]
@@ -349,6 +349,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, tiny_be
     killed_dir = tmp_path / "runs" / "killed"
     overrides = to_flwr_overrides(_tiny(tiny_bert, csv, **settings, **{"run-name": "killed"}))
     command = [sys.executable, "-m", "federa_ops.cli", "simulate", "--num-clients", "2",
+               "--cpus-per-client", str(SIM_CPUS_PER_CLIENT),
                "--output-dir", str(tmp_path / "runs"), "--run-config", overrides]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -371,14 +372,16 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, tiny_be
     assert killed_at in (2, 3)  # the kill lands while round 3 trains (rarely just after it)
 
     lines: list[str] = []
-    resumed = simulate(2, {"resume-from": str(killed_dir)}, tmp_path / "ignored", log=lines.append)
+    resumed = simulate(2, {"resume-from": str(killed_dir)}, tmp_path / "ignored",
+                       cpus_per_client=SIM_CPUS_PER_CLIENT, log=lines.append)  # fmt: skip
     assert resumed == killed_dir
     assert any(f"resuming {killed_dir}" in line for line in lines)
     assert [line.split("/")[0].split()[-1] for line in lines if line.startswith("round")] == [
         str(r) for r in range(killed_at + 1, 5)
     ]  # only the new rounds are printed
     reference = simulate(2, _tiny(tiny_bert, csv, **settings, **{"run-name": "whole"}),
-                         tmp_path / "runs", log=lambda _: None)  # fmt: skip
+                         tmp_path / "runs", cpus_per_client=SIM_CPUS_PER_CLIENT,
+                         log=lambda _: None)  # fmt: skip
 
     got, want = read_metrics(resumed), read_metrics(reference)
     assert [r["round"] for r in got] == [0, 1, 2, 3, 4]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SIM_CPUS_PER_CLIENT
 
 from federa_app.data import assets, loading
 from federa_app.method.models import load_saved_model, load_tokenizer, resolve_model
@@ -21,7 +22,7 @@ def test_federa_learns_on_the_real_model_and_data_and_the_adapter_reloads(tmp_pa
     # 200 of the 638 held-out texts and 32 tokens (69% of the texts fit): ~half the compute of
     # the defaults (64 tokens, every held-out text); FeDeRA still ends 0.16 above the majority.
     overrides |= {"test-fraction": 0.05, "eval-max-examples": 200, "max-length": 32}
-    run_dir = simulate(3, overrides, output_dir=tmp_path, log=print)
+    run_dir = simulate(3, overrides, tmp_path, cpus_per_client=SIM_CPUS_PER_CLIENT, log=print)
 
     rows = read_metrics(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -65,7 +66,7 @@ def test_baselines_and_svd_avg_improve_on_the_real_model_and_data(tmp_path, over
     settings = {"partitioner": "iid", "num-server-rounds": 2, "local-steps": 10}
     settings |= {"test-fraction": 0.05, "eval-max-examples": 200, "max-length": 32}
     settings |= {"run-name": "it", **overrides}
-    run_dir = simulate(2, settings, output_dir=tmp_path, log=print)
+    run_dir = simulate(2, settings, tmp_path, cpus_per_client=SIM_CPUS_PER_CLIENT, log=print)
     rows = read_metrics(run_dir)
     assert [r["clients"] for r in rows] == [0, 2, 2]
     assert rows[2]["accuracy"] > rows[0]["accuracy"]

@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import check_run_directory, write_toy_csv
+from conftest import SIM_CPUS_PER_CLIENT, check_run_directory, write_toy_csv
 from flwr.app import ArrayRecord
 
 from federa_app.config import parse_run_config, to_flwr_overrides
@@ -59,7 +59,9 @@ def _no_children_left() -> bool:
 def test_only_trainable_tensors_cross_the_wire_and_bytes_add_up(tmp_path, tiny_bert, method):
     csv = write_toy_csv(tmp_path / "toy.csv")
     overrides = _overrides(tiny_bert, csv, method=method)
-    run_dir = simulate(3, overrides, output_dir=tmp_path / "runs", log=lambda _: None)
+    run_dir = simulate(
+        3, overrides, tmp_path / "runs", cpus_per_client=SIM_CPUS_PER_CLIENT, log=lambda _: None
+    )
     assert _no_children_left()
 
     # The trainable tensors, computed independently of the run.
@@ -142,7 +144,7 @@ def test_a_round_without_results_fails_the_run_and_leaves_nothing_running(tmp_pa
     with pytest.raises(RunFailed, match="round 1 got no results"):
         simulate(
             2, _overrides(tiny_bert, csv, **{"run-name": "broken"}), tmp_path / "runs",
-            app_dir=app, log=lambda _: None,
+            app_dir=app, cpus_per_client=SIM_CPUS_PER_CLIENT, log=lambda _: None,
         )  # fmt: skip
     run_dir = tmp_path / "runs" / "broken"
     assert not (run_dir / "summary.json").exists()  # an unfinished run never looks complete
