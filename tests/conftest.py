@@ -92,11 +92,11 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
     return path
 
 
-# `make test` hands whole files to its two workers in collection order: the files that run
-# simulations and deployments go first, longest first (make test's --durations), so that no long
-# file starts last while the other worker has nothing left to do.
-LONGEST_FIRST = ("test_integration.py", "test_compare.py", "test_deploy.py", "test_faults.py",
-                 "test_simulation.py", "test_strategies.py", "test_methods.py")  # fmt: skip
+# `make test` hands whole files to its two workers in collection order (two each to start, then
+# one to whichever finishes a file): the files that run simulations and deployments go first,
+# longest first (make test's --durations), so that no long file starts last.
+LONGEST_FIRST = ("test_integration.py", "test_deploy.py", "test_compare.py", "test_strategies.py",
+                 "test_simulation.py", "test_faults.py", "test_methods.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
