@@ -30,7 +30,9 @@ deploy: fetch
 	$(BIN)/federa deploy local --nodes $(NODES) --tls --run-config "num-server-rounds=3"
 
 # Two workers: a Ray simulation leaves the second core idle ~40% of the time (start-up, waits).
-# loadfile: a file's tests stay on one worker (the smoke grid's two tests share one run).
+# tests/conftest.py splits the cores between them (torch threads, Ray actors per simulation) and
+# hands out the long files first. loadfile: a file's tests stay on one worker (the smoke grid's
+# two tests share one run).
 # --durations: the 20 slowest tests, for keeping the suite under its time budget.
 TEST_WORKERS ?= 2
 test: fetch
