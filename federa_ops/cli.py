@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from federa_app.errors import ConfigError, FederaError
+from federa_app.errors import FederaError
 
 RESUME_HELP = (
     "continue this run directory after its last checkpointed round, with its own run config "
@@ -99,14 +99,13 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from federa_ops.simulate import simulate
+    from federa_ops.simulate import check_cpus_per_client, simulate
     from simulation.compare import expand, is_finished, load_grid, run_grid
     from simulation.report import write_report
 
     grid = load_grid(args.grid)
     if args.cpus_per_client is not None:  # this machine's actor size; cells keep their names
-        if args.cpus_per_client < 1:
-            raise ConfigError(f"--cpus-per-client {args.cpus_per_client} must be an integer >= 1")
+        check_cpus_per_client(args.cpus_per_client)
         grid = dataclasses.replace(grid, cpus_per_client=args.cpus_per_client)
     out_dir = Path(args.output_dir or Path("results") / grid.name).resolve()
     if args.dry_run:

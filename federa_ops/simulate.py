@@ -116,6 +116,12 @@ def prepare_run(
     return app_dir, overrides, cfg, run_dir
 
 
+def check_cpus_per_client(cpus_per_client: int) -> None:
+    """Refuse a client CPU count Ray cannot place, before anything starts."""
+    if cpus_per_client < 1:
+        raise ConfigError(f"--cpus-per-client {cpus_per_client} must be an integer >= 1")
+
+
 def simulate(
     num_clients: int = 10,
     overrides: dict[str, Any] | None = None,
@@ -125,8 +131,7 @@ def simulate(
     log: Log = print,
 ) -> Path:
     """Run one simulation to completion and return its run directory; raise on any failure."""
-    if cpus_per_client < 1:
-        raise ConfigError(f"--cpus-per-client {cpus_per_client} must be an integer >= 1")
+    check_cpus_per_client(cpus_per_client)
     app_dir, overrides, cfg, run_dir = prepare_run(overrides, output_dir, app_dir, num_clients)
 
     flwr_home = Path(tempfile.mkdtemp(prefix="federa-flwr-"))

@@ -12,13 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # tests/test_methods.py beside two busy processes, 133 s with 2 threads, 25 s with 1). Each
 # worker gets its share; simulations and deployments the tests start inherit it. (Only in a
 # worker: they inherit the controller's environment, which must keep the user's setting.)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 # The simulations a test starts run cores/workers Ray actors each (a client claims `workers` of
 # the CPUs Ray sees): the workers already fill the cores, and every actor costs ~12 s of CPU to
 # start (imports, model, node data) for the well under a second its toy clients train.
-SIM_CPUS_PER_CLIENT = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+SIM_CPUS_PER_CLIENT = _WORKERS
 # Nodes cache their prepared rows on disk (loading.cached_node_train_data): keep the tests' apart.
 os.environ.setdefault("FEDERA_NODE_CACHE", tempfile.mkdtemp(prefix="federa-test-node-cache-"))
 

@@ -19,7 +19,6 @@ from federa_ops.simulate import simulate
 from simulation.compare import expand, is_finished, load_grid, run_grid
 from simulation.report import late_accuracy, write_report
 
-CPUS = str(SIM_CPUS_PER_CLIENT)
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "adapter", "accuracy.png")
 
 
@@ -36,7 +35,9 @@ def _compare(*args: str) -> subprocess.CompletedProcess:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """The smoke preset run once, for real (3 Ray simulations on minilm-l6 + rotten-tomatoes)."""
     out = tmp_path_factory.mktemp("smoke")
-    result = _compare("smoke", "--output-dir", str(out), "--cpus-per-client", CPUS)
+    result = _compare(
+        "smoke", "--output-dir", str(out), "--cpus-per-client", str(SIM_CPUS_PER_CLIENT)
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out, result
 
